@@ -1,0 +1,3 @@
+from aperturedb_pool.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+# placeholder: being written
+class ConnectionPool: pass
+class Lease: pass
