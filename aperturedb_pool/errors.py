@@ -42,12 +42,17 @@ class ConnectorError(PoolError):
 
     #: True when the request may have reached the server (its outcome is unknown).
     maybe_executed = False
+    #: True when retrying cannot help (bad credentials, certificate, protocol):
+    #: no retry policy retries such an error.
+    permanent = False
 
     def __init__(self, message: str, *, query: Any = None,
-                 attempts: Sequence[BaseException] = ()) -> None:
+                 attempts: Sequence[BaseException] = (), permanent: bool | None = None) -> None:
         super().__init__(message)
         self.query = query
         self.attempts = list(attempts)
+        if permanent is not None:
+            self.permanent = permanent
 
 
 class ConnectFailed(ConnectorError):

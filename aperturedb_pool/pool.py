@@ -1,3 +1,1170 @@
-# placeholder: being written
-class ConnectionPool: pass
-class Lease: pass
+"""ConnectionPool: exclusive leases of SDK connectors, kept healthy, handed out fairly.
+
+Locking (the argument for thread safety)
+----------------------------------------
+``ConnectionPool._lock`` (a plain ``threading.Lock``) guards every mutable field
+of the pool: ``_idle``, ``_waiters``, ``_size``, ``_opening``, ``_leased``,
+``_leases`` (the set of live slots), ``_closed``, ``_generation``,
+``_retire_before``, the counters in ``_c`` and the background work lists
+``_to_close``/``_open_requests``.  It is held only for short, non-blocking
+bookkeeping: never across a network call, a sleep or a wait.  Decisions are
+taken under the lock; waiting (on a waiter's own lock) and I/O (probes, opening,
+closing, pinging) happen outside it.
+
+Each waiter owns a ``threading.Lock`` that is created locked; a connector is
+handed to the waiter by setting ``waiter.slot`` under the pool lock, removing
+the waiter from ``_waiters`` and releasing the waiter's lock.  A waiter that
+times out re-takes the pool lock and checks ``waiter.slot`` before giving up,
+so a connector handed to it at the last moment is never lost.
+
+A slot's fields are written under the pool lock while it is idle or changes
+hands; while it is leased only the leaseholder touches ``in_flight`` and
+``phase`` (through the connector wrappers).  The maintenance thread takes an
+idle slot out of ``_idle`` (under the lock) before pinging it, so a ping and a
+lease never overlap.
+
+Fairness
+--------
+A releasing thread that will immediately ask again (a batch loop) may re-take
+the connector it just returned ("barging"): no thread wake-up sits between two
+leases, which keeps connectors busy.  Barging is bounded: once the oldest waiter
+has waited ``fairness_threshold`` seconds, every returned connector is handed
+directly to the oldest waiter (first come, first served) until no waiter is that
+old.  Threads that do not loop (request handlers) always hand off directly, so a
+returned connector never sits idle while someone waits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import random
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from collections import deque
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, TypeVar
+
+from aperturedb_pool import connectors as _connectors
+from aperturedb_pool.errors import (
+    ConnectFailed,
+    ConnectorError,
+    LeaseError,
+    OutcomeUnknown,
+    PoolClosed,
+    PoolError,
+    PoolTimeout,
+    ServerUnreachable,
+    TooManyWaiters,
+)
+from aperturedb_pool.health import probe_socket, socket_of
+from aperturedb_pool.stats import PoolStats
+
+logger = logging.getLogger("aperturedb_pool")
+
+T = TypeVar("T")
+
+_monotonic = time.monotonic
+_get_ident = threading.get_ident
+_ids = itertools.count(1)
+
+# Every live pool, so a forked child can reset them (see _after_fork_in_child).
+_all_pools: "weakref.WeakSet[ConnectionPool]" = weakref.WeakSet()
+
+
+class _Slot:
+    """The pool's record of one connector."""
+
+    __slots__ = ("conn", "id", "created", "expires", "returned", "generation", "in_flight",
+                 "phase", "poller", "owner", "check_owner", "leased_at", "lease_stack",
+                 "leak_reported", "last_ping", "keepalive_due", "tracked", "__weakref__")
+
+    def __init__(self, conn: Any, generation: int, now: float, lifetime: float | None,
+                 keepalive: float | None) -> None:
+        self.conn = conn
+        self.id = next(_ids)
+        self.created = now
+        # Lifetime and keepalive carry up to -5% jitter so connectors opened
+        # together do not expire or ping together.
+        self.expires = now + lifetime * (1.0 - 0.05 * random.random()) if lifetime else math.inf
+        self.returned = now
+        self.generation = generation
+        self.in_flight = False
+        self.tracked = True  # False: queries cannot be observed (see connectors.instrument)
+        self.phase = _connectors.Phase()
+        self.poller: Any = None
+        self.owner: int | None = None
+        self.check_owner: Callable[[], None] | None = None
+        self.leased_at = 0.0
+        self.lease_stack: list[str] | None = None
+        self.leak_reported = False
+        self.last_ping = now
+        self.keepalive_due = (now + keepalive * (1.0 - 0.1 * random.random())
+                              if keepalive else math.inf)
+
+
+class _Waiter:
+    __slots__ = ("lock", "slot", "since")
+
+    def __init__(self, now: float) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.slot: _Slot | None = None
+        self.since = now
+
+
+class Lease:
+    """A lease of one connector: a context manager, or an explicit handle.
+
+    ``with pool.lease() as conn:`` gives ``conn`` (the connector) to the block
+    and returns it to the pool when the block ends, discarding it if a query was
+    interrupted.  ``pool.acquire()`` returns an already-acquired Lease whose
+    ``conn`` is the connector; call ``release()`` (or ``pool.release(lease)``)
+    exactly once.
+    """
+
+    __slots__ = ("_pool", "_timeout", "_slot", "conn", "_looper", "_released")
+
+    def __init__(self, pool: "ConnectionPool", timeout: float | None) -> None:
+        self._looper = False
+        self._pool = pool
+        self._timeout = timeout
+        self._slot: _Slot | None = None
+        self.conn: Any = None
+        self._released = False
+
+    def __enter__(self) -> Any:
+        if self._slot is not None:
+            raise LeaseError("this lease is already acquired; use a new pool.lease()")
+        self._pool._acquire(self)
+        return self.conn
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        self._pool._release(self, ev)
+
+    def release(self, error: BaseException | None = None) -> None:
+        """Return the connector.  Pass the exception that ended the work, if any."""
+        self._pool._release(self, error)
+
+    def discard(self) -> None:
+        """Return the connector to be closed rather than reused."""
+        slot = self._slot
+        if slot is not None:
+            slot.in_flight = True
+        self._pool._release(self, None)
+
+    @property
+    def active(self) -> bool:
+        return self._slot is not None and not self._released
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else ("released" if self._released else "pending")
+        return f"<Lease {state} of pool {self._pool.name!r}>"
+
+
+class _ManualLease(Lease):
+    """The lease returned by ``acquire()``: reclaimed with a ResourceWarning if dropped."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        if self._slot is not None and not self._released:
+            try:
+                warnings.warn(f"a lease of pool {self._pool.name!r} was garbage-collected without "
+                              f"release(); its connector is closed (call release() or use "
+                              f"'with pool.lease()')", ResourceWarning, stacklevel=2)
+                # The holder may still have the connector: never reuse it.
+                self._slot.in_flight = True
+                self._pool._release(self, None, reason="reclaimed")
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+
+def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
+                    allow_zero: bool = True) -> float | None:
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} must be a number of seconds, got None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a {'positive' if not allow_zero else 'non-negative'} "
+                         f"number of seconds, got {value!r}")
+    return v
+
+
+def _required_duration(name: str, value: float, *, allow_zero: bool = True) -> float:
+    v = _check_duration(name, value, allow_none=False, allow_zero=allow_zero)
+    assert v is not None
+    return v
+
+
+class ConnectionPool:
+    """A pool of ApertureDB connectors, each leased to one thread at a time.
+
+    Parameters (all keyword-only but ``template``; seconds for durations):
+
+    template
+        An ``aperturedb.Connector`` (or any object with ``clone()``, ``query()``,
+        ``close()``).  The pool clones it and never queries through it.  When
+        omitted, one is built from the SDK's configuration chain
+        (``APERTUREDB_KEY``, ``adb config``, ...).
+    min_size (1), max_size (8)
+        Connectors kept open at least / at most.
+    timeout (30.0)
+        Default seconds a ``lease()`` waits before ``PoolTimeout``.
+    max_waiting (None)
+        Callers allowed to wait at once; more fail at once with ``TooManyWaiters``.
+        None: unbounded.
+    max_lifetime (3600.0)
+        A connector is closed and replaced after about this long (-5% jitter). None: never.
+    max_idle (600.0)
+        Idle connectors above ``min_size`` are closed after this long. None: never.
+    keepalive_interval (60.0)
+        Idle connectors are pinged with ``GetStatus`` this often (-10% jitter),
+        catching servers and middleboxes that drop idle links. None: off.
+    tcp_keepalive ((30, 10, 3))
+        TCP keepalive (idle seconds, probe interval, probe count) set on every
+        socket; None leaves the SDK's settings.
+    query_timeout (None)
+        Socket timeout for every query of a pooled connector; a query that times
+        out raises ``QueryTimeout`` and its connector is discarded.
+    probe_after (0.5)
+        A connector idle for longer is probed (a zero-timeout poll) at checkout.
+    fairness_threshold (0.003)
+        Once the oldest waiter has waited this long, returned connectors go to
+        waiters first come, first served.
+    leak_threshold (None)
+        Log a WARNING with the borrower's stack when a lease is held longer.
+    check_ownership (False)
+        Debug: a connector used outside its lease or by another thread raises
+        ``LeaseError`` at once.  Free when off.
+    retry (None)
+        The ``RetryPolicy`` of ``query()`` and ``run()``; None: ``RetryPolicy()``.
+    name (None)
+        Used in messages and logs; defaults to ``pool-N``.
+    open (True)
+        Start opening ``min_size`` connectors now (in the background; see
+        ``wait_ready()``).  With False, ``open()`` starts the pool.
+    reconnect_initial (0.05), reconnect_max (2.0)
+        Backoff bounds (full jitter) of background opens while the server is down.
+    """
+
+    _counter = itertools.count(1)
+
+    def __init__(self, template: Any = None, *, min_size: int = 1, max_size: int = 8,
+                 timeout: float = 30.0, max_waiting: int | None = None,
+                 max_lifetime: float | None = 3600.0, max_idle: float | None = 600.0,
+                 keepalive_interval: float | None = 60.0,
+                 tcp_keepalive: tuple[float, float, int] | None = (30.0, 10.0, 3),
+                 query_timeout: float | None = None, probe_after: float = 0.5,
+                 fairness_threshold: float = 0.003, leak_threshold: float | None = None,
+                 check_ownership: bool = False, retry: Any = None, name: str | None = None,
+                 open: bool = True, reconnect_initial: float = 0.05,
+                 reconnect_max: float = 2.0,
+                 connector_factory: Callable[[], Any] | None = None) -> None:
+        for pname, pval in (("min_size", min_size), ("max_size", max_size)):
+            if isinstance(pval, bool) or not isinstance(pval, int):
+                raise TypeError(f"{pname} must be an int, got {pval!r}")
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1, got {max_size!r}")
+        if min_size < 0:
+            raise ValueError(f"min_size must be at least 0, got {min_size!r}")
+        if min_size > max_size:
+            raise ValueError(f"min_size ({min_size!r}) must not exceed max_size ({max_size!r})")
+        if max_waiting is not None and (isinstance(max_waiting, bool) or
+                                        not isinstance(max_waiting, int) or max_waiting < 0):
+            raise ValueError(f"max_waiting must be None or an int >= 0, got {max_waiting!r}")
+        self.timeout = _required_duration("timeout", timeout)
+        self.max_lifetime = _check_duration("max_lifetime", max_lifetime, allow_zero=False)
+        self.max_idle = _check_duration("max_idle", max_idle, allow_zero=False)
+        self.keepalive_interval = _check_duration("keepalive_interval", keepalive_interval,
+                                                  allow_zero=False)
+        self.query_timeout = _check_duration("query_timeout", query_timeout, allow_zero=False)
+        self.probe_after = _required_duration("probe_after", probe_after)
+        self.fairness_threshold = _required_duration("fairness_threshold", fairness_threshold)
+        self.leak_threshold = _check_duration("leak_threshold", leak_threshold,
+                                              allow_zero=False)
+        self.reconnect_initial = _required_duration("reconnect_initial", reconnect_initial,
+                                                    allow_zero=False)
+        self.reconnect_max = _required_duration("reconnect_max", reconnect_max,
+                                                allow_zero=False)
+        if tcp_keepalive is not None:
+            if len(tcp_keepalive) != 3:
+                raise ValueError("tcp_keepalive must be None or (idle seconds, interval seconds, "
+                                 f"probe count), got {tcp_keepalive!r}")
+            _check_duration("tcp_keepalive[0] (idle)", tcp_keepalive[0], allow_none=False,
+                            allow_zero=False)
+            _check_duration("tcp_keepalive[1] (interval)", tcp_keepalive[1],
+                            allow_none=False, allow_zero=False)
+            if not isinstance(tcp_keepalive[2], int) or tcp_keepalive[2] < 1:
+                raise ValueError(f"tcp_keepalive[2] (probe count) must be an int >= 1, "
+                                 f"got {tcp_keepalive[2]!r}")
+            tcp_keepalive = (float(tcp_keepalive[0]), float(tcp_keepalive[1]),
+                             int(tcp_keepalive[2]))
+        self.tcp_keepalive = tcp_keepalive
+
+        if template is None and connector_factory is None:
+            template = _connectors.default_template()
+        self._template = template
+        self._factory = connector_factory
+        self._clone: Callable[[], Any]
+        if template is not None:
+            if connector_factory is not None:
+                raise TypeError("pass template or connector_factory, not both")
+            self._clone = _connectors.clone_factory(template)
+        else:
+            if not callable(connector_factory):
+                raise TypeError(f"connector_factory must be callable, got {connector_factory!r}")
+            self._clone = connector_factory
+
+        from aperturedb_pool.retry import RetryPolicy
+        if retry is None:
+            retry = RetryPolicy()
+        elif not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
+        self.retry = retry
+
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_waiting = max_waiting
+        self.check_ownership = bool(check_ownership)
+        self.name = name if name is not None else f"pool-{next(self._counter)}"
+
+        self._lock = threading.Lock()
+        self._init_state()
+        self._tls = threading.local()
+        self._bg_wakeup = threading.Event()
+        self._bg_thread: threading.Thread | None = None
+        self._ready = threading.Condition(self._lock)
+        _all_pools.add(self)
+        if open:
+            self.open()
+
+    # -- state -------------------------------------------------------------
+    def _init_state(self) -> None:
+        # Everything below is guarded by self._lock.
+        self._idle: deque[_Slot] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._leases: set[_Slot] = set()
+        self._size = 0
+        self._opening = 0
+        self._open_requests = 0
+        self._to_close: list[tuple[Any, str]] = []
+        self._pings: list[_Slot] = []
+        self._closed = False
+        self._opened = False
+        self._generation = 0
+        self._open_failures = 0  # consecutive failed background opens
+        self._last_open_error: BaseException | None = None
+        self._unreachable_since: float | None = None
+        self._next_open_at = 0.0
+        self._c: dict[str, Any] = dict(
+            leases_granted=0, leases_waited=0, wait_time_total=0.0, wait_time_max=0.0,
+            timeouts=0, rejected_waiters=0, connectors_opened=0, connectors_closed=0,
+            keepalive_pings=0, probes=0, refill_failures=0, retries=0, give_ups=0,
+            unknown_outcomes=0, leaks_reported=0)
+        self._discarded: dict[str, int] = {}
+        self._shared_data_override: Any = None
+        self._pid = os.getpid()
+
+    def open(self, wait: bool = False, timeout: float | None = None) -> "ConnectionPool":
+        """Start the pool: open ``min_size`` connectors in the background.
+
+        With ``wait=True``, block until they are open (see ``wait_ready``).
+        """
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            if not self._opened:
+                self._opened = True
+                self._open_requests = max(0, self.min_size - self._size - self._opening)
+                self._opening += self._open_requests
+        self._ensure_bg()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until ``min_size`` connectors are open.
+
+        Fails fast: an open that failed for a reason retrying cannot fix (bad
+        credentials, certificate, protocol) is raised at once.  Otherwise raises
+        ``PoolTimeout`` after ``timeout`` seconds (default: the pool's timeout),
+        chained to the last open error.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        deadline = _monotonic() + timeout
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name!r} is closed")
+                if self._size >= self.min_size:
+                    return
+                err = self._last_open_error
+                if err is not None and (getattr(err, "permanent", False) or
+                                        not isinstance(err, ConnectorError)):
+                    raise err
+                left = deadline - _monotonic()
+                if left <= 0:
+                    raise PoolTimeout(
+                        f"pool {self.name!r}: {self._size} of min_size {self.min_size} connectors "
+                        f"open after {timeout:.3g} s; last error: {err!r}") from err
+                self._ready.wait(left)
+
+    # -- leasing -----------------------------------------------------------
+    def lease(self, timeout: float | None = None) -> Lease:
+        """A context manager that leases one connector: ``with pool.lease() as conn:``.
+
+        Waits up to ``timeout`` seconds (default: the pool's ``timeout``).
+        """
+        return Lease(self, timeout)
+
+    def acquire(self, timeout: float | None = None) -> Lease:
+        """Lease a connector now; return the Lease (``lease.conn`` is the connector).
+
+        For frameworks whose request start and end are separate hooks.  Release
+        with ``lease.release()`` or ``pool.release(lease)``; a lease dropped
+        without release is reclaimed (its connector closed) with a ResourceWarning.
+        """
+        lease = _ManualLease(self, timeout)
+        self._acquire(lease)
+        return lease
+
+    def release(self, lease: Lease, error: BaseException | None = None) -> None:
+        """Return a lease obtained from ``acquire()``."""
+        if not isinstance(lease, Lease) or lease._pool is not self:
+            raise LeaseError(f"release() takes a Lease of pool {self.name!r}, got {lease!r}")
+        self._release(lease, error)
+
+    def _acquire(self, lease: Lease) -> None:
+        tls = self._tls
+        now = _monotonic()
+        # A thread that asks again right after returning a connector is in a
+        # loop: its next return may be re-taken by itself (see module doc).
+        looper = now - getattr(tls, "released", -1.0) < 0.001
+        lock = self._lock
+        lock.acquire()
+        if self._idle and not self._closed and (
+                not self._waiters or now - self._waiters[0].since < self.fairness_threshold):
+            slot = self._idle.pop()
+            self._leases.add(slot)
+            self._c["leases_granted"] += 1
+            lock.release()
+        else:
+            lock.release()
+            slot = self._wait_for_slot(lease, now)
+        # Outside the lock: a connector the pool could know is unusable is
+        # never handed out.
+        if (slot.generation != self._generation or now >= slot.expires or
+                (now - slot.returned > self.probe_after and self._unhealthy(slot))):
+            self._discard_checked_out(slot)
+            if lease._timeout is None:
+                lease._timeout = self.timeout
+            # The retry waits only for what is left of the caller's time.
+            lease._timeout = max(0.0, lease._timeout - (_monotonic() - now))
+            return self._acquire(lease)
+        slot.owner = _get_ident()
+        if self.check_ownership:
+            slot.check_owner = _connectors.OwnershipCheck(slot)
+        if self.leak_threshold is not None:
+            slot.leased_at = _monotonic()
+            slot.lease_stack = traceback.format_stack(limit=16)[:-3]
+            slot.leak_reported = False
+        lease._slot = slot
+        lease.conn = slot.conn
+        lease._looper = looper
+
+    def _unhealthy(self, slot: _Slot) -> bool:
+        sock = socket_of(slot.conn)
+        if sock is None or slot.poller is None:
+            return False  # a stand-in, or an SDK connector that never connected
+        self._c["probes"] += 1  # approximate under races; statistics only
+        reason = probe_socket(sock)
+        if reason is not None:
+            logger.info("pool %r: connector %d failed its checkout probe: %s",
+                        self.name, slot.id, reason)
+            if "closed" in reason:
+                # The server went away: retire every connector opened before now.
+                self._retire_generation(slot.generation, "the server closed a connection")
+            slot.in_flight = True
+            return True
+        return False
+
+    def _discard_checked_out(self, slot: _Slot) -> None:
+        with self._lock:
+            self._leases.discard(slot)
+            self._c["leases_granted"] -= 1
+            reason = ("retired" if slot.generation != self._generation else
+                      "probe" if slot.in_flight else "expired")
+            self._drop(slot, reason)
+        self._bg_wakeup.set()
+
+    def _wait_for_slot(self, lease: Lease, start: float) -> _Slot:
+        timeout = (self.timeout if lease._timeout is None else
+                   _required_duration("timeout", lease._timeout))
+        deadline = start + timeout
+        waiter = _Waiter(start)
+        slot: _Slot | None
+        lock = self._lock
+        with lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            if self._idle and (not self._waiters or
+                               start - self._waiters[0].since < self.fairness_threshold):
+                # The idle connector appeared between the fast path and here.
+                slot = self._idle.pop()
+                self._leases.add(slot)
+                self._c["leases_granted"] += 1
+                return slot
+            if self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
+                self._c["rejected_waiters"] += 1
+                raise TooManyWaiters(
+                    f"pool {self.name!r}: {len(self._waiters)} callers already waiting "
+                    f"(max_waiting={self.max_waiting}); size {self._size}/{self.max_size}, "
+                    f"leased {len(self._leases)}. Raise max_waiting or max_size, or shed load")
+            if self._idle and self._waiters and (
+                    start - self._waiters[0].since >= self.fairness_threshold):
+                # An idle connector is owed to a starving waiter: hand it over
+                # and queue behind.
+                self._handoff(self._idle.pop())
+            self._waiters.append(waiter)
+            self._maybe_grow()
+        if self._bg_thread is None and self._opened:
+            self._ensure_bg()  # first use in a forked child
+        # Wait outside the pool lock.  The wake-up slice bounds how long an
+        # idle connector can go unnoticed if a barging thread never returns.
+        slice_ = max(4 * self.fairness_threshold, 0.005)
+        while True:
+            left = deadline - _monotonic()
+            got = waiter.lock.acquire(timeout=min(max(left, 0.0), slice_)) if left > 0 else False
+            if got:
+                slot = waiter.slot
+                if slot is None:  # woken by close()
+                    raise PoolClosed(f"pool {self.name!r} was closed while waiting")
+                break
+            with lock:
+                if waiter.slot is not None:  # handed over as we timed out
+                    slot = waiter.slot
+                    break
+                now = _monotonic()
+                if self._closed:
+                    self._remove_waiter(waiter)
+                    raise PoolClosed(f"pool {self.name!r} was closed while waiting")
+                if self._idle and self._waiters and self._waiters[0] is waiter:
+                    self._waiters.popleft()
+                    slot = self._idle.pop()
+                    self._leases.add(slot)
+                    self._c["leases_granted"] += 1
+                    break
+                if now >= deadline:
+                    self._remove_waiter(waiter)
+                    self._c["timeouts"] += 1
+                    raise PoolTimeout(self._timeout_message(timeout))
+                self._maybe_grow()
+            slice_ = min(slice_ * 2, 0.25)
+        waited = _monotonic() - start
+        with lock:
+            c = self._c
+            c["leases_waited"] += 1
+            c["wait_time_total"] += waited
+            if waited > c["wait_time_max"]:
+                c["wait_time_max"] = waited
+        return slot
+
+    def _remove_waiter(self, waiter: _Waiter) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _timeout_message(self, timeout: float) -> str:
+        # Called under the lock.
+        msg = (f"pool {self.name!r}: no connector available within {timeout:.3g} s "
+               f"(size {self._size}/{self.max_size}, leased {len(self._leases)}, "
+               f"idle {len(self._idle)}, waiting {len(self._waiters)}, "
+               f"opening {self._opening})")
+        if self._unreachable_since is not None:
+            msg += (f"; the server has been unreachable for "
+                    f"{_monotonic() - self._unreachable_since:.1f} s "
+                    f"(last error: {self._last_open_error!r})")
+        else:
+            msg += ("; raise max_size or timeout, or hold leases for less time "
+                    "(leak_threshold finds leases held too long)")
+        return msg
+
+    def _handoff(self, slot: _Slot) -> None:
+        # Under the lock: give slot to the oldest waiter.
+        waiter = self._waiters.popleft()
+        waiter.slot = slot
+        self._leases.add(slot)
+        self._c["leases_granted"] += 1
+        waiter.lock.release()
+
+    def _maybe_grow(self) -> None:
+        # Under the lock: ask the background thread for connectors while there
+        # are more waiters than connectors on their way, up to max_size.
+        if self._closed or not self._opened:
+            return
+        want = min(len(self._waiters) - self._opening,
+                   self.max_size - self._size - self._opening)
+        if want > 0:
+            self._opening += want
+            self._open_requests += want
+            self._bg_wakeup.set()
+
+    def _release(self, lease: Lease, error: BaseException | None,
+                 reason: str | None = None) -> None:
+        slot = lease._slot
+        if slot is None or lease._released:
+            if lease._released:
+                raise LeaseError("this lease was already released")
+            raise LeaseError("this lease was never acquired")
+        lease._released = True
+        lease.conn = None
+        slot.owner = None
+        now = _monotonic()
+        self._tls.released = now
+        if slot.lease_stack is not None:
+            self._note_return(slot, now)
+        # Health on return: interrupted queries and dirty sockets are discarded.
+        drop_reason = reason
+        if drop_reason is None:
+            if slot.in_flight or (error is not None and not slot.tracked):
+                drop_reason = "interrupted" if error is not None else "broken"
+            elif error is not None and slot.poller is not None and \
+                    probe_socket(socket_of(slot.conn)) is not None:
+                drop_reason = "probe"
+            elif now >= slot.expires:
+                drop_reason = "expired"
+        slot.returned = now
+        slot.check_owner = None
+        lock = self._lock
+        lock.acquire()
+        closed_now = False
+        try:
+            if slot not in self._leases:
+                # Leased before a fork, or force-closed by close(timeout): not
+                # part of the pool's accounting any more.
+                self._to_close.append((slot.conn, "foreign"))
+                closed_now = True
+                return
+            self._leases.remove(slot)
+            if drop_reason is not None or self._closed or slot.generation != self._generation:
+                if drop_reason is None:
+                    drop_reason = "closed" if self._closed else "retired"
+                self._drop(slot, drop_reason)
+                self._maybe_grow()
+                wake = True
+                closed_now = self._closed
+            else:
+                wake = False
+                waiters = self._waiters
+                if waiters and (not lease._looper or
+                                now - waiters[0].since >= self.fairness_threshold):
+                    self._handoff(slot)
+                else:
+                    self._idle.append(slot)
+        finally:
+            lock.release()
+        if wake:
+            self._bg_wakeup.set()
+        if closed_now:
+            self._close_pending()
+        if isinstance(error, (ConnectFailed, OutcomeUnknown)):
+            cause = error.__cause__
+            if isinstance(cause, (ConnectionResetError, ConnectionRefusedError,
+                                  BrokenPipeError)) or "closed" in str(error):
+                self._retire_generation(slot.generation, f"a connector failed: {error}")
+
+    def _drop(self, slot: _Slot, reason: str) -> None:
+        # Under the lock: forget slot and have the background thread close it.
+        self._size -= 1
+        self._discarded[reason] = self._discarded.get(reason, 0) + 1
+        self._to_close.append((slot.conn, reason))
+        if self._opened and not self._closed:
+            need = self.min_size - self._size - self._opening
+            if need > 0:
+                self._opening += need
+                self._open_requests += need
+
+    def _note_return(self, slot: _Slot, now: float) -> None:
+        if slot.leak_reported:
+            logger.warning("pool %r: connector %d came back after %.3f s (it was reported as "
+                           "possibly leaked)", self.name, slot.id, now - slot.leased_at)
+        slot.lease_stack = None
+        slot.leak_reported = False
+
+    # -- retirement, closing -----------------------------------------------
+    def retire_all(self) -> int:
+        """Retire every connector open now: idle ones are closed at once, leased
+        ones when they come back; new connectors replace them.  Use after a
+        server restart or a credentials change.  Returns how many were retired."""
+        return self._retire_generation(None, "retire_all() called")
+
+    def _retire_generation(self, generation: int | None, _reason: str) -> int:
+        # Retire the current generation, unless the failing connector belongs
+        # to an older one: then it was already retired with its siblings, and
+        # the connectors opened since are not suspect.
+        with self._lock:
+            if self._closed or (generation is not None and generation != self._generation):
+                return 0
+            self._generation += 1
+            n = len(self._idle) + len(self._leases)
+            while self._idle:
+                self._drop(self._idle.pop(), "retired")
+            self._maybe_grow()
+        if n:
+            logger.warning("pool %r: retired %d connector(s): %s", self.name, n, _reason)
+        self._bg_wakeup.set()
+        return n
+
+    def close(self, timeout: float | None = 0.0) -> None:
+        """Close the pool.  Idempotent.
+
+        Every waiter gets ``PoolClosed``; idle connectors are closed now; leased
+        ones are closed when they come back.  With ``timeout`` > 0, wait that long
+        for leases to come back, then close the rest under their holders (whose
+        queries then fail).  The background thread is stopped.
+        """
+        with self._lock:
+            already = self._closed
+            self._closed = True
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            while self._idle:
+                self._drop(self._idle.pop(), "closed")
+            self._ready.notify_all()
+        for w in waiters:
+            w.lock.release()  # slot None: the waiter raises PoolClosed
+        if timeout and not already:
+            deadline = _monotonic() + timeout
+            while _monotonic() < deadline:
+                with self._lock:
+                    if not self._leases:
+                        break
+                time.sleep(0.01)
+            with self._lock:
+                for slot in list(self._leases):
+                    self._to_close.append((slot.conn, "closed"))
+        self._bg_wakeup.set()
+        t = self._bg_thread
+        if t is not None and t is not threading.current_thread() and t.is_alive():
+            t.join(timeout=5.0)
+        self._close_pending()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "ConnectionPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ConnectionPool {self.stats()}>"
+
+    # -- stats ---------------------------------------------------------------
+    def stats(self, reset: bool = False) -> PoolStats:
+        """An immutable snapshot; with ``reset=True`` the counters restart at zero."""
+        with self._lock:
+            c = dict(self._c)
+            s = PoolStats(
+                name=self.name, min_size=self.min_size, max_size=self.max_size,
+                size=self._size, idle=len(self._idle), leased=len(self._leases),
+                waiting=len(self._waiters), opening=self._opening,
+                discarded=dict(self._discarded), generation=self._generation, **c)
+            if reset:
+                for k in self._c:
+                    self._c[k] = 0.0 if isinstance(self._c[k], float) else 0
+                self._discarded = {}
+        return s
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._c[key] += n
+
+    # -- queries through the retry policy ------------------------------------
+    def query(self, q: Any, blobs: Any = None, *, idempotent: bool | None = None,
+              timeout: float | None = None, retry: Any = None) -> Any:
+        """Run one query under the retry policy; returns what ``Connector.query`` returns.
+
+        Each attempt leases a connector (bounded by the policy's remaining
+        deadline) and discards it if the attempt failed.  A transport failure
+        after the request was sent is retried only when the query is
+        idempotent: every command a read (see ``retry.is_read_only``), or
+        ``idempotent=True``.  Otherwise ``OutcomeUnknown`` is raised, carrying the
+        query, and the query is never re-sent.  ``timeout`` is the per-query
+        socket timeout (default: the pool's ``query_timeout``).
+        """
+        from aperturedb_pool.retry import is_read_only
+        if idempotent is None:
+            idempotent = is_read_only(q)
+        qt = _check_duration("timeout", timeout, allow_zero=False)
+        blobs = [] if blobs is None else blobs
+
+        def attempt(conn: Any) -> Any:
+            if qt is None:
+                return conn.query(q, blobs)
+            sock = socket_of(conn)
+            if sock is None:
+                return conn.query(q, blobs)
+            sock.settimeout(qt)
+            try:
+                return conn.query(q, blobs)
+            finally:
+                try:
+                    sock.settimeout(self.query_timeout)
+                except OSError:
+                    pass
+
+        return self._run_policy(attempt, idempotent=idempotent, retry=retry,
+                                describe=_describe_query(q))
+
+    def run(self, fn: Callable[..., T], *args: Any, retry: Any = None, **kwargs: Any) -> T:
+        """Run ``fn(conn, *args, **kwargs)`` with a leased connector, under the policy.
+
+        The callable is retried after a transport failure only if it declares
+        itself idempotent (``fn.idempotent = True``, e.g. with the
+        ``retry.idempotent`` decorator); a connect failure (nothing sent) is
+        always retried.
+        """
+        idem = bool(getattr(fn, "idempotent", False))
+        return self._run_policy(lambda conn: fn(conn, *args, **kwargs), idempotent=idem,
+                                retry=retry, describe=getattr(fn, "__name__", "callable"))
+
+    def _run_policy(self, body: Callable[[Any], T], *, idempotent: bool, retry: Any,
+                    describe: str) -> T:
+        policy = self.retry if retry is None else retry
+
+        def one_attempt(remaining: float | None) -> T:
+            wait = self.timeout if remaining is None else max(0.0, min(self.timeout, remaining))
+            try:
+                lease = self.acquire(timeout=wait)
+            except PoolTimeout as e:
+                with self._lock:
+                    down = self._unreachable_since
+                    err = self._last_open_error
+                if down is not None:
+                    raise ServerUnreachable(
+                        f"pool {self.name!r}: the server has been unreachable for "
+                        f"{_monotonic() - down:.1f} s (last error: {err!r}); gave up at the "
+                        f"deadline. Check that the server is up and reachable") from e
+                raise
+            try:
+                result = body(lease.conn)
+            except BaseException as e:
+                lease.release(e)
+                if isinstance(e, OutcomeUnknown):
+                    self._count("unknown_outcomes")
+                raise
+            lease.release()
+            return result
+
+        def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
+            self._count("retries")
+
+        try:
+            return policy.call(one_attempt, idempotent=idempotent, describe=describe,
+                               on_retry=on_retry)
+        except (ConnectorError, ServerUnreachable):
+            self._count("give_ups")
+            raise
+
+    # -- background work -------------------------------------------------------
+    def _ensure_bg(self) -> None:
+        with self._lock:
+            t = self._bg_thread
+            if t is not None and t.is_alive():
+                return
+            t = threading.Thread(target=_maintenance_loop, args=(weakref.ref(self),
+                                                                self._bg_wakeup),
+                                 name=f"aperturedb-pool-{self.name}", daemon=True)
+            self._bg_thread = t
+        t.start()
+        self._bg_wakeup.set()
+
+    def _close_pending(self) -> None:
+        with self._lock:
+            todo, self._to_close = self._to_close, []
+        for conn, _reason in todo:
+            _close_quietly(conn)
+        if todo:
+            with self._lock:
+                self._c["connectors_closed"] += len(todo)
+
+    def _new_connector(self) -> tuple[Any, _Slot]:
+        conn = self._clone()
+        if self._shared_data_override is not None and hasattr(conn, "shared_data"):
+            conn.shared_data = self._shared_data_override
+        with self._lock:
+            gen = self._generation
+        slot = _Slot(conn, gen, _monotonic(), self.max_lifetime, self.keepalive_interval)
+        slot.tracked = _connectors.instrument(conn, slot, tcp_keepalive=self.tcp_keepalive,
+                                              query_timeout=self.query_timeout)
+        try:
+            if hasattr(conn, "_connect"):
+                conn.connect()
+                # One round trip: authenticates the shared session if needed and
+                # proves the connection works before anyone leases it.
+                self._ping(conn)
+        except BaseException:
+            _close_quietly(conn)
+            raise
+        return conn, slot
+
+    @staticmethod
+    def _ping(conn: Any) -> None:
+        response, _ = conn.query([{"GetStatus": {}}])
+        if not (isinstance(response, list) and response and
+                isinstance(response[0], dict) and
+                response[0].get("GetStatus", {}).get("status") == 0):
+            raise ConnectorError(f"unexpected GetStatus response: {str(response)[:200]}")
+
+    def _open_one(self) -> bool:
+        """Open one requested connector (background thread).  True on success."""
+        try:
+            conn, slot = self._new_connector()
+        except BaseException as e:  # noqa: B902 - reported, then retried with backoff
+            now = _monotonic()
+            with self._lock:
+                self._open_failures += 1
+                self._c["refill_failures"] += 1
+                self._last_open_error = e
+                if self._unreachable_since is None:
+                    self._unreachable_since = now
+                delay = random.uniform(0, min(self.reconnect_max, self.reconnect_initial *
+                                              2 ** (self._open_failures - 1)))
+                self._next_open_at = now + delay
+                self._ready.notify_all()
+            logger.warning("pool %r: opening a connector failed (%d in a row): %s; next try "
+                           "in %.3f s", self.name, self._open_failures, e, delay)
+            return False
+        with self._lock:
+            self._opening -= 1
+            self._open_failures = 0
+            self._unreachable_since = None
+            self._last_open_error = None
+            self._c["connectors_opened"] += 1
+            if self._closed:
+                self._to_close.append((conn, "closed"))
+                return True
+            self._size += 1
+            if self._waiters:
+                self._handoff(slot)
+            else:
+                self._idle.appendleft(slot)
+            self._ready.notify_all()
+        return True
+
+    def _maintain(self, now: float) -> float:
+        """One round of background work; returns seconds until the next round."""
+        next_round = 1.0
+        # Opens requested by waiters, shrinking and min_size.
+        while True:
+            with self._lock:
+                if self._closed or self._open_requests <= 0:
+                    break
+                if now < self._next_open_at:
+                    next_round = min(next_round, self._next_open_at - now)
+                    break
+                self._open_requests -= 1
+            if not self._open_one():
+                with self._lock:
+                    self._open_requests += 1
+            now = _monotonic()
+        self._close_pending()
+        with self._lock:
+            if self._closed:
+                return next_round
+            pings: list[_Slot] = []
+            # Idle connectors: expire, shrink, keepalive (oldest are leftmost).
+            keep: deque[_Slot] = deque()
+            excess = self._size - self.min_size
+            while self._idle:
+                slot = self._idle.popleft()
+                if slot.generation != self._generation:
+                    self._drop(slot, "retired")
+                elif now >= slot.expires:
+                    self._drop(slot, "expired")
+                elif (self.max_idle is not None and excess > 0 and
+                      now - slot.returned >= self.max_idle):
+                    excess -= 1
+                    self._drop(slot, "idle")
+                elif self.keepalive_interval and now >= self._ping_due(slot):
+                    pings.append(slot)
+                else:
+                    keep.append(slot)
+            self._idle = keep
+            if self.keepalive_interval:
+                for slot in keep:
+                    next_round = min(next_round, max(0.01, self._ping_due(slot) - now))
+            if self.leak_threshold is not None:
+                next_round = min(next_round, max(0.01, self.leak_threshold / 2))
+            leaked = []
+            if self.leak_threshold is not None:
+                for slot in self._leases:
+                    if slot.lease_stack is not None and not slot.leak_reported:
+                        age = now - slot.leased_at
+                        if age >= self.leak_threshold:
+                            slot.leak_reported = True
+                            self._c["leaks_reported"] += 1
+                            leaked.append((slot, age, slot.lease_stack))
+                        else:
+                            next_round = min(next_round, self.leak_threshold - age)
+        for slot, age, stack in leaked:
+            logger.warning("pool %r: connector %d leased for %.3f s (leak_threshold %.3g s); "
+                           "leased at:\n%s", self.name, slot.id, age, self.leak_threshold,
+                           "".join(stack or []))
+        for slot in pings:
+            self._keepalive(slot)
+        self._close_pending()
+        return next_round
+
+    def _ping_due(self, slot: _Slot) -> float:
+        # A connector used recently needs no ping: due one (jittered) interval
+        # after its last use or ping, whichever is later.
+        return max(slot.keepalive_due, slot.returned + (self.keepalive_interval or 0.0))
+
+    def _keepalive(self, slot: _Slot) -> None:
+        ok = True
+        reason = ""
+        try:
+            if slot.poller is not None and probe_socket(socket_of(slot.conn)) is not None:
+                ok, reason = False, "probe"
+            else:
+                self._ping(slot.conn)
+        except Exception as e:
+            ok, reason = False, f"failed_ping: {e}"
+        now = _monotonic()
+        with self._lock:
+            self._c["keepalive_pings"] += 1
+            if not ok or self._closed or slot.generation != self._generation:
+                self._drop(slot, "failed_ping" if not ok else "retired")
+            else:
+                slot.returned = now
+                slot.last_ping = now
+                slot.keepalive_due = now + (self.keepalive_interval or 0) * (
+                    1.0 - 0.1 * random.random())
+                if self._waiters:
+                    self._handoff(slot)
+                else:
+                    self._idle.appendleft(slot)
+        if not ok:
+            logger.info("pool %r: connector %d failed its keepalive (%s)", self.name, slot.id,
+                        reason)
+            if "closed" in reason or reason == "probe":
+                self._retire_generation(slot.generation, "keepalive found a closed connection")
+
+    # -- fork ----------------------------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        # Only the forking thread exists in the child.  Every lock may have
+        # been held by a thread that no longer exists: replace them.  The
+        # inherited connectors belong to the parent: never write to them or
+        # shut them down; forget them without touching their sockets.
+        old = list(self._idle) + list(self._leases)
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._bg_wakeup = threading.Event()
+        self._bg_thread = None
+        self._tls = threading.local()
+        was_open, was_closed = self._opened, self._closed
+        generation = self._generation
+        self._init_state()
+        # Slots leased before the fork and returned in the child are foreign.
+        self._generation = generation + 1
+        _forget_without_closing(s.conn for s in old)
+        template = self._template
+        shared = getattr(template, "shared_data", None)
+        if shared is not None:
+            # The SDK's shared session lock may be held by a parent thread.
+            self._shared_data_override = SimpleNamespace(
+                session=getattr(shared, "session", None), lock=threading.Lock())
+        self._closed = was_closed
+        if was_open and not was_closed:
+            self._opened = True
+            self._opening = self._open_requests = self.min_size
+            # The background thread starts on first use (starting threads
+            # inside an at-fork hook is not safe).
+
+
+def _describe_query(q: Any) -> str:
+    try:
+        if isinstance(q, list):
+            return "query " + "+".join(next(iter(c)) for c in q if isinstance(c, dict) and c)
+    except Exception:  # pragma: no cover
+        pass
+    return "query"
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: S110 - closing a broken connector may fail; it is gone either way
+        pass
+
+
+_graveyard: list[Any] = []
+
+
+def _forget_without_closing(conns: Iterator[Any]) -> None:
+    # In a forked child: detach the inherited sockets (the parent still uses
+    # them) so that garbage collection can never close, shut down or write to
+    # them, then drop our references.
+    for conn in conns:
+        sock = socket_of(conn)
+        if sock is not None:
+            try:
+                sock.detach()
+            except Exception:
+                _graveyard.append(conn)  # keep it alive forever rather than risk a close
+                continue
+            conn.conn = None
+            conn.connected = False
+
+
+def _maintenance_loop(pool_ref: "weakref.ref[ConnectionPool]", wakeup: threading.Event) -> None:
+    """The background thread: holds the pool only through a weak reference, so a
+    pool dropped without close() is still garbage-collected (and the thread ends)."""
+    delay = 0.0
+    while True:
+        wakeup.wait(timeout=delay)
+        wakeup.clear()
+        pool = pool_ref()
+        if pool is None:
+            return
+        if pool._bg_wakeup is not wakeup:  # forked child: a new event and thread exist
+            return
+        try:
+            delay = pool._maintain(_monotonic())
+            stop = pool._closed
+        except Exception:  # pragma: no cover - must never kill the thread
+            logger.exception("pool %r: maintenance round failed", pool.name)
+            delay, stop = 1.0, False
+        del pool
+        if stop:
+            return
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_all_pools):
+        try:
+            pool._after_fork_in_child()
+        except Exception:  # pragma: no cover
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+__all__ = ["ConnectionPool", "Lease", "PoolError"]

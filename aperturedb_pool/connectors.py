@@ -1,0 +1,292 @@
+"""Making pooled connectors from a template, and the settings the pool owns.
+
+The pool never queries through the user's template: it clones it (``clone()``,
+or ``create_new_connection()`` on SDKs before 0.4.33), so every pooled connector
+shares the template's authenticated session.  Each clone is then *instrumented*:
+a few instance attributes shadow SDK methods so that the pool
+
+* knows whether a query is in flight (an exception that interrupts one leaves
+  the stream unusable: the connector must be discarded, not reused);
+* makes exactly one attempt per query: transport failures are raised at once,
+  classified (``ConnectFailed``: nothing was delivered, ``OutcomeUnknown``: the
+  request was sent and no answer read), instead of the SDK's own loop that
+  reconnects, sleeps and re-sends the same bytes;
+* checks the socket with a zero-timeout poll just before sending, so a
+  connection the server already closed fails as "not sent" rather than as an
+  unknown outcome;
+* applies its TCP keepalive and per-query timeout settings to the socket.
+
+The template keeps its own configuration: each clone gets a private copy of the
+SDK ``Configuration`` (single attempt, no retry sleep).  Objects without the
+SDK's private methods (stand-ins in tests and benchmarks) only get the query
+wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import select
+import socket
+import ssl
+import struct
+import threading
+from typing import Any, Callable
+
+from aperturedb_pool.errors import (
+    ConnectFailed,
+    ConnectorError,
+    LeaseError,
+    OutcomeUnknown,
+    QueryTimeout,
+)
+from aperturedb_pool.health import apply_tcp_keepalive
+
+logger = logging.getLogger("aperturedb_pool")
+
+_POLL_BAD = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+# Per-thread flag: set while a pooled connector runs a query.  The SDK logs its
+# own retry-loop warnings and a CRITICAL "Failed to query" with a stack for
+# every failure; for pooled connectors the pool raises one classified error
+# instead, so those records are dropped while the flag is set.
+_quiet = threading.local()
+
+_SDK_NOISE = ("Failed to query", "OS error on process", "SSL error on process",
+              "SSL connection error", "Connection broken", "Error connecting to server",
+              "Attribute error on process", "Error receiving", "Error wrapping socket",
+              "You can use the ca_cert parameter")
+
+
+class _SDKNoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_quiet, "on", False):
+            return True
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not msg.startswith(_SDK_NOISE)
+
+
+_filter_installed = False
+_filter_lock = threading.Lock()
+
+
+def _install_noise_filter() -> None:
+    global _filter_installed
+    with _filter_lock:
+        if not _filter_installed:
+            logging.getLogger("aperturedb.Connector").addFilter(_SDKNoiseFilter())
+            _filter_installed = True
+
+
+def clone_factory(template: Any) -> Callable[[], Any]:
+    """The template's clone method, or a TypeError naming what is missing."""
+    fn = getattr(template, "clone", None)
+    if not callable(fn):
+        fn = getattr(template, "create_new_connection", None)
+    if not callable(fn):
+        raise TypeError(
+            f"template: expected an aperturedb Connector (an object with clone() or, on SDKs "
+            f"before 0.4.33, create_new_connection()), got {type(template).__name__!r}")
+    for method in ("query", "close"):
+        if not callable(getattr(template, method, None)):
+            raise TypeError(f"template: {type(template).__name__!r} has no {method}() method; "
+                            f"pass an aperturedb Connector")
+    return fn
+
+
+def default_template() -> Any:
+    """A template built from the SDK's own configuration chain (APERTUREDB_KEY, adb config...)."""
+    try:
+        from aperturedb.CommonLibrary import create_connector
+    except ImportError as e:  # pragma: no cover - the SDK is a dependency
+        raise TypeError("template: none given and the aperturedb SDK is not installed; "
+                        "pass a Connector") from e
+    return create_connector()
+
+
+class Phase:
+    """Where the current query of one connector stands.  Touched only by the
+    thread holding the connector's lease (or the maintenance thread while it
+    pings an idle connector it has taken out of the pool), so it needs no lock."""
+
+    __slots__ = ("connecting", "sent", "answered")
+
+    def __init__(self) -> None:
+        self.connecting = False
+        self.sent = False
+        self.answered = False
+
+
+def _describe(conn: Any) -> str:
+    host = getattr(conn, "host", None)
+    port = getattr(conn, "port", None)
+    return f"{host}:{port}" if host is not None else type(conn).__name__
+
+
+def _is_permanent_connect_error(e: BaseException) -> bool:
+    # Certificate problems (the SDK turns them into AssertionError), a protocol
+    # the server refuses, a missing CA file: retrying cannot help.
+    if isinstance(e, (AssertionError, ssl.SSLCertVerificationError, FileNotFoundError)):
+        return True
+    return "did not accept protocol" in str(e)
+
+
+def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] | None,
+               query_timeout: float | None) -> bool:
+    """Install the pool's wrappers on one freshly cloned connector.
+
+    ``slot`` is the pool's record of the connector: the wrappers read and write
+    ``slot.in_flight``, ``slot.phase``, ``slot.poller`` and call
+    ``slot.check_owner()`` when the pool's ownership check is on.  Returns
+    False when the object takes no instance attributes (a stand-in with
+    ``__slots__``): the pool then cannot tell a query in flight and treats any
+    exception inside a lease as one.
+    """
+    orig_query = conn.query
+    try:
+        conn.query = orig_query
+    except AttributeError:
+        return False
+    phase = slot.phase
+    sdk = all(hasattr(conn, a) for a in ("_send_msg", "_recv_msg", "_connect", "config"))
+    where = _describe(conn)
+
+    if sdk:
+        _install_noise_filter()
+        cfg = conn.config
+        try:
+            own = copy.copy(cfg)
+            own.retry_max_attempts = 1
+            own.retry_interval_seconds = 0
+            conn.config = own
+        except Exception:  # pragma: no cover - exotic configuration objects
+            pass
+        orig_send = conn._send_msg
+        orig_recv = conn._recv_msg
+        orig_connect_impl = conn._connect
+
+        def _send_msg(data: bytes) -> None:
+            if phase.connecting:
+                orig_send(data)
+                return
+            poller = slot.poller
+            if poller is not None:
+                sock = conn.conn
+                pending = getattr(sock, "pending", None)
+                if poller.poll(0) or (pending is not None and pending()):
+                    raise ConnectFailed(
+                        f"connection to {where} was closed or desynchronised before the request "
+                        f"was sent; the request was not sent")
+            try:
+                orig_send(data)
+            except Exception as e:
+                # sendall failed: the server never got a complete frame, so it
+                # cannot have executed it.
+                raise ConnectFailed(f"sending to {where} failed ({e!r}); the request was not "
+                                    f"delivered") from e
+            phase.sent = True
+            phase.answered = False
+
+        def _recv_msg() -> Any:
+            try:
+                response = orig_recv()
+            except socket.timeout as e:
+                if phase.connecting:
+                    raise ConnectFailed(f"handshake with {where} timed out") from e
+                raise QueryTimeout(
+                    f"no response from {where} within the query timeout; the query may or may "
+                    f"not have run, check before re-sending a write") from e
+            except (OSError, struct.error, ValueError) as e:
+                if phase.connecting:
+                    raise ConnectFailed(f"handshake with {where} failed: {e!r}") from e
+                raise OutcomeUnknown(
+                    f"connection to {where} failed after the request was sent ({e!r}); the "
+                    f"query may or may not have run") from e
+            if response is None:
+                if phase.connecting:
+                    raise ConnectFailed(f"{where} closed the connection during the handshake")
+                raise OutcomeUnknown(
+                    f"{where} closed the connection before answering; the query may or may "
+                    f"not have run")
+            phase.answered = True
+            return response
+
+        def connect(details: Any = None) -> None:
+            phase.connecting = True
+            try:
+                orig_connect_impl()
+            except ConnectorError:
+                raise
+            except Exception as e:
+                raise ConnectFailed(f"could not connect to {where}: {e!r}",
+                                    permanent=_is_permanent_connect_error(e)) from e
+            finally:
+                phase.connecting = False
+            sock = conn.conn
+            if tcp_keepalive is not None:
+                try:
+                    apply_tcp_keepalive(sock, *tcp_keepalive)
+                except OSError:  # pragma: no cover - platform without the options
+                    pass
+            if query_timeout is not None:
+                sock.settimeout(query_timeout)
+            poller = select.poll()
+            poller.register(sock.fileno(), _POLL_BAD)
+            slot.poller = poller
+
+        conn._send_msg = _send_msg
+        conn._recv_msg = _recv_msg
+        conn.connect = connect
+
+    def query(q: Any, blobs: Any = None) -> Any:
+        if slot.check_owner is not None:
+            slot.check_owner()
+        slot.in_flight = True
+        phase.sent = False
+        phase.answered = False
+        _quiet.on = True
+        try:
+            result = orig_query(q, [] if blobs is None else blobs)
+        except ConnectorError as e:
+            if e.query is None:
+                e.query = q
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OutcomeUnknown(f"malformed response from {where} ({e!r}); the query may or "
+                                 f"may not have run", query=q) from e
+        except Exception as e:
+            if type(e).__name__ == "DecodeError" or (sdk and not phase.answered):
+                raise OutcomeUnknown(
+                    f"query to {where} failed ({e!r}) with no valid response; the query may or "
+                    f"may not have run", query=q) from e
+            # A complete response was read and the SDK raised on its content
+            # (failed authentication, refused refresh): the stream is intact.
+            slot.in_flight = False
+            raise
+        finally:
+            _quiet.on = False
+        slot.in_flight = False
+        return result
+
+    conn.query = query
+    return True
+
+
+class OwnershipCheck:
+    """The debug ownership check: a callable installed as ``slot.check_owner``."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: Any) -> None:
+        self.slot = slot
+
+    def __call__(self) -> None:
+        owner = self.slot.owner
+        if owner is None:
+            raise LeaseError("this connector is not leased: it was used after its lease ended "
+                             "(keep using it only inside the 'with pool.lease()' block)")
+        me = threading.get_ident()
+        if owner != me:
+            raise LeaseError(f"this connector is leased to thread {owner}, not to the calling "
+                             f"thread {me}: a Connector must never be shared between threads")
