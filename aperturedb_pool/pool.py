@@ -139,12 +139,58 @@ class Lease:
         self._released = False
 
     def __enter__(self) -> Any:
-        if self._slot is not None:
-            raise LeaseError("this lease is already acquired; use a new pool.lease()")
-        self._pool._acquire(self)
+        # Fast path (no waiter, an idle connector, nothing to check): inlined
+        # here because a lease is the pool's hot path.  Same rules as
+        # ConnectionPool._acquire, which handles every other case.
+        pool = self._pool
+        if self._slot is None and pool._plain:
+            lock = pool._lock
+            lock.acquire()
+            idle = pool._idle
+            if idle and not pool._waiters and not pool._closed:
+                slot = idle.pop()
+                pool._leases.add(slot)
+                pool._granted += 1
+                last = pool._last_releaser
+                lock.release()
+                now = _monotonic()
+                me = _get_ident()
+                if (slot.generation == pool._generation and now < slot.expires and
+                        (now - slot.returned <= pool.probe_after or slot.poller is None or
+                         not pool._unhealthy(slot))):
+                    slot.owner = me
+                    self._looper = last == me
+                    self._slot = slot
+                    conn = self.conn = slot.conn
+                    return conn
+                pool._discard_checked_out(slot)
+            else:
+                lock.release()
+        pool._acquire(self)
         return self.conn
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        slot = self._slot
+        if ev is None and slot is not None and not self._released and not slot.in_flight:
+            pool = self._pool
+            if pool._plain:
+                now = _monotonic()
+                if now < slot.expires:
+                    # Fast path: clean return, nobody waiting.
+                    lock = pool._lock
+                    lock.acquire()
+                    if (not pool._waiters and not pool._closed and
+                            slot.generation == pool._generation and slot in pool._leases):
+                        pool._leases.remove(slot)
+                        pool._last_releaser = slot.owner
+                        slot.owner = None
+                        slot.returned = now
+                        pool._idle.append(slot)
+                        lock.release()
+                        self._released = True
+                        self.conn = None
+                        return
+                    lock.release()
         self._pool._release(self, ev)
 
     def release(self, error: BaseException | None = None) -> None:
@@ -336,11 +382,13 @@ class ConnectionPool:
         self.max_size = max_size
         self.max_waiting = max_waiting
         self.check_ownership = bool(check_ownership)
+        # True when leases need no per-lease extras (ownership check, leak
+        # tracking): the Lease fast paths apply.  Disabled features cost nothing.
+        self._plain = not self.check_ownership and self.leak_threshold is None
         self.name = name if name is not None else f"pool-{next(self._counter)}"
 
         self._lock = threading.Lock()
         self._init_state()
-        self._tls = threading.local()
         self._bg_wakeup = threading.Event()
         self._bg_thread: threading.Thread | None = None
         self._ready = threading.Condition(self._lock)
@@ -367,12 +415,14 @@ class ConnectionPool:
         self._unreachable_since: float | None = None
         self._next_open_at = 0.0
         self._c: dict[str, Any] = dict(
-            leases_granted=0, leases_waited=0, wait_time_total=0.0, wait_time_max=0.0,
+            leases_waited=0, wait_time_total=0.0, wait_time_max=0.0,
             timeouts=0, rejected_waiters=0, connectors_opened=0, connectors_closed=0,
             keepalive_pings=0, probes=0, refill_failures=0, retries=0, give_ups=0,
             unknown_outcomes=0, leaks_reported=0)
         self._discarded: dict[str, int] = {}
         self._shared_data_override: Any = None
+        self._granted = 0
+        self._last_releaser: int | None = None
         self._pid = os.getpid()
 
     def open(self, wait: bool = False, timeout: float | None = None) -> "ConnectionPool":
@@ -445,18 +495,21 @@ class ConnectionPool:
         self._release(lease, error)
 
     def _acquire(self, lease: Lease) -> None:
-        tls = self._tls
+        if lease._slot is not None:
+            raise LeaseError("this lease is already acquired; use a new pool.lease()")
         now = _monotonic()
-        # A thread that asks again right after returning a connector is in a
-        # loop: its next return may be re-taken by itself (see module doc).
-        looper = now - getattr(tls, "released", -1.0) < 0.001
+        me = _get_ident()
         lock = self._lock
         lock.acquire()
+        # A thread asking again right after it returned a connector (nobody
+        # used the pool in between) is in a loop: its next return may be
+        # re-taken by itself (see the module doc on fairness).
+        looper = self._last_releaser == me
         if self._idle and not self._closed and (
                 not self._waiters or now - self._waiters[0].since < self.fairness_threshold):
             slot = self._idle.pop()
             self._leases.add(slot)
-            self._c["leases_granted"] += 1
+            self._granted += 1
             lock.release()
         else:
             lock.release()
@@ -471,7 +524,7 @@ class ConnectionPool:
             # The retry waits only for what is left of the caller's time.
             lease._timeout = max(0.0, lease._timeout - (_monotonic() - now))
             return self._acquire(lease)
-        slot.owner = _get_ident()
+        slot.owner = me
         if self.check_ownership:
             slot.check_owner = _connectors.OwnershipCheck(slot)
         if self.leak_threshold is not None:
@@ -501,7 +554,7 @@ class ConnectionPool:
     def _discard_checked_out(self, slot: _Slot) -> None:
         with self._lock:
             self._leases.discard(slot)
-            self._c["leases_granted"] -= 1
+            self._granted -= 1
             reason = ("retired" if slot.generation != self._generation else
                       "probe" if slot.in_flight else "expired")
             self._drop(slot, reason)
@@ -522,7 +575,7 @@ class ConnectionPool:
                 # The idle connector appeared between the fast path and here.
                 slot = self._idle.pop()
                 self._leases.add(slot)
-                self._c["leases_granted"] += 1
+                self._granted += 1
                 return slot
             if self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
                 self._c["rejected_waiters"] += 1
@@ -562,7 +615,7 @@ class ConnectionPool:
                     self._waiters.popleft()
                     slot = self._idle.pop()
                     self._leases.add(slot)
-                    self._c["leases_granted"] += 1
+                    self._granted += 1
                     break
                 if now >= deadline:
                     self._remove_waiter(waiter)
@@ -605,7 +658,7 @@ class ConnectionPool:
         waiter = self._waiters.popleft()
         waiter.slot = slot
         self._leases.add(slot)
-        self._c["leases_granted"] += 1
+        self._granted += 1
         waiter.lock.release()
 
     def _maybe_grow(self) -> None:
@@ -629,9 +682,9 @@ class ConnectionPool:
             raise LeaseError("this lease was never acquired")
         lease._released = True
         lease.conn = None
+        owner = slot.owner
         slot.owner = None
         now = _monotonic()
-        self._tls.released = now
         if slot.lease_stack is not None:
             self._note_return(slot, now)
         # Health on return: interrupted queries and dirty sockets are discarded.
@@ -657,6 +710,7 @@ class ConnectionPool:
                 closed_now = True
                 return
             self._leases.remove(slot)
+            self._last_releaser = owner
             if drop_reason is not None or self._closed or slot.generation != self._generation:
                 if drop_reason is None:
                     drop_reason = "closed" if self._closed else "retired"
@@ -778,6 +832,7 @@ class ConnectionPool:
         """An immutable snapshot; with ``reset=True`` the counters restart at zero."""
         with self._lock:
             c = dict(self._c)
+            c["leases_granted"] = self._granted
             s = PoolStats(
                 name=self.name, min_size=self.min_size, max_size=self.max_size,
                 size=self._size, idle=len(self._idle), leased=len(self._leases),
@@ -787,6 +842,7 @@ class ConnectionPool:
                 for k in self._c:
                     self._c[k] = 0.0 if isinstance(self._c[k], float) else 0
                 self._discarded = {}
+                self._granted = 0
         return s
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -1076,7 +1132,6 @@ class ConnectionPool:
         self._ready = threading.Condition(self._lock)
         self._bg_wakeup = threading.Event()
         self._bg_thread = None
-        self._tls = threading.local()
         was_open, was_closed = self._opened, self._closed
         generation = self._generation
         self._init_state()
