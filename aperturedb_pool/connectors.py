@@ -32,6 +32,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from typing import Any, Callable
 
 from aperturedb_pool.errors import (
@@ -44,6 +45,7 @@ from aperturedb_pool.errors import (
 from aperturedb_pool.health import apply_tcp_keepalive
 
 logger = logging.getLogger("aperturedb_pool")
+_monotonic = time.monotonic
 
 _POLL_BAD = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -110,12 +112,13 @@ class Phase:
     thread holding the connector's lease (or the maintenance thread while it
     pings an idle connector it has taken out of the pool), so it needs no lock."""
 
-    __slots__ = ("connecting", "sent", "answered")
+    __slots__ = ("connecting", "sent", "answered", "last_io")
 
     def __init__(self) -> None:
         self.connecting = False
         self.sent = False
         self.answered = False
+        self.last_io = 0.0  # time.monotonic() of the last complete response
 
 
 def _describe(conn: Any) -> str:
@@ -133,7 +136,7 @@ def _is_permanent_connect_error(e: BaseException) -> bool:
 
 
 def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] | None,
-               query_timeout: float | None) -> bool:
+               query_timeout: float | None, probe_after: float = 0.5) -> bool:
     """Install the pool's wrappers on one freshly cloned connector.
 
     ``slot`` is the pool's record of the connector: the wrappers read and write
@@ -171,7 +174,11 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 orig_send(data)
                 return
             poller = slot.poller
-            if poller is not None:
+            # The probe is a syscall, and every syscall releases the GIL: under
+            # contention that costs a thread switch.  A connection that
+            # answered moments ago needs none (the same rule as the checkout
+            # probe); one idle for longer is checked before each request.
+            if poller is not None and _monotonic() - phase.last_io > probe_after:
                 sock = conn.conn
                 pending = getattr(sock, "pending", None)
                 if poller.poll(0) or (pending is not None and pending()):
@@ -210,6 +217,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                     f"{where} closed the connection before answering; the query may or may "
                     f"not have run")
             phase.answered = True
+            phase.last_io = _monotonic()
             return response
 
         def connect(details: Any = None) -> None:
@@ -234,6 +242,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             poller = select.poll()
             poller.register(sock.fileno(), _POLL_BAD)
             slot.poller = poller
+            phase.last_io = _monotonic()
 
         conn._send_msg = _send_msg
         conn._recv_msg = _recv_msg
@@ -262,7 +271,10 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                     f"may not have run", query=q) from e
             # A complete response was read and the SDK raised on its content
             # (failed authentication, refused refresh): the stream is intact.
-            slot.in_flight = False
+            # A stand-in gives no such evidence: its connector stays in flight
+            # (discarded on return).
+            if sdk:
+                slot.in_flight = False
             raise
         finally:
             _quiet.on = False

@@ -475,6 +475,8 @@ class ConnectionPool:
 
         Waits up to ``timeout`` seconds (default: the pool's ``timeout``).
         """
+        if timeout is not None:
+            _required_duration("timeout", timeout)
         return Lease(self, timeout)
 
     def acquire(self, timeout: float | None = None) -> Lease:
@@ -484,6 +486,8 @@ class ConnectionPool:
         with ``lease.release()`` or ``pool.release(lease)``; a lease dropped
         without release is reclaimed (its connector closed) with a ResourceWarning.
         """
+        if timeout is not None:
+            _required_duration("timeout", timeout)
         lease = _ManualLease(self, timeout)
         self._acquire(lease)
         return lease
@@ -966,7 +970,8 @@ class ConnectionPool:
             gen = self._generation
         slot = _Slot(conn, gen, _monotonic(), self.max_lifetime, self.keepalive_interval)
         slot.tracked = _connectors.instrument(conn, slot, tcp_keepalive=self.tcp_keepalive,
-                                              query_timeout=self.query_timeout)
+                                              query_timeout=self.query_timeout,
+                                              probe_after=self.probe_after)
         try:
             if hasattr(conn, "_connect"):
                 conn.connect()
