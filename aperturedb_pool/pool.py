@@ -25,12 +25,17 @@ lease never overlap.
 
 Fairness
 --------
-A releasing thread that will immediately ask again (a batch loop) may re-take
-the connector it just returned ("barging"): no thread wake-up sits between two
-leases, which keeps connectors busy.  Barging is bounded: once the oldest waiter
-has waited ``fairness_threshold`` seconds, every returned connector is handed
-directly to the oldest waiter (first come, first served) until no waiter is that
-old.  Threads that do not loop (request handlers) always hand off directly, so a
+A releasing thread that will immediately ask again (a batch loop: it returned
+the previous connector and nobody used the pool since) may re-take the
+connector it just returned ("barging"): no thread wake-up sits between two
+leases, which keeps connectors busy, and under the GIL a wake-up is expensive
+(the woken thread must win the GIL back: ~50-100 us on a busy 2-core machine).
+Barging is bounded: once the oldest waiter has waited ``_handoff_after``
+seconds, every returned connector is handed directly to the oldest waiter
+(first come, first served) until no waiter is that old.  ``_handoff_after``
+follows the load: ``_FAIR_WAITS`` times the wait a fair share implies (mean
+hold x waiters per connector), at least 1 ms and at most ``fairness_threshold``.
+Threads that do not loop (request handlers) always hand off directly, so a
 returned connector never sits idle while someone waits.
 """
 
@@ -70,6 +75,8 @@ logger = logging.getLogger("aperturedb_pool")
 T = TypeVar("T")
 
 _monotonic = time.monotonic
+_MIN_HANDOFF_AFTER = 0.001
+_FAIR_WAITS = 4.0  # hand off once the oldest waiter waited this many fair shares
 _get_ident = threading.get_ident
 _ids = itertools.count(1)
 
@@ -159,6 +166,7 @@ class Lease:
                         (now - slot.returned <= pool.probe_after or slot.poller is None or
                          not pool._unhealthy(slot))):
                     slot.owner = me
+                    slot.leased_at = now
                     self._looper = last == me
                     self._slot = slot
                     conn = self.conn = slot.conn
@@ -284,9 +292,12 @@ class ConnectionPool:
         out raises ``QueryTimeout`` and its connector is discarded.
     probe_after (0.5)
         A connector idle for longer is probed (a zero-timeout poll) at checkout.
-    fairness_threshold (0.003)
-        Once the oldest waiter has waited this long, returned connectors go to
-        waiters first come, first served.
+    fairness_threshold (0.01)
+        The longest the oldest waiter can be passed over by threads re-taking
+        the connector they just returned.  Within it the pool adapts: it hands
+        off once the oldest waiter has waited four times its fair share
+        (mean hold x waiters per connector, at least 1 ms).  0 gives strict
+        first come, first served.
     leak_threshold (None)
         Log a WARNING with the borrower's stack when a lease is held longer.
     check_ownership (False)
@@ -311,7 +322,7 @@ class ConnectionPool:
                  keepalive_interval: float | None = 60.0,
                  tcp_keepalive: tuple[float, float, int] | None = (30.0, 10.0, 3),
                  query_timeout: float | None = None, probe_after: float = 0.5,
-                 fairness_threshold: float = 0.003, leak_threshold: float | None = None,
+                 fairness_threshold: float = 0.01, leak_threshold: float | None = None,
                  check_ownership: bool = False, retry: Any = None, name: str | None = None,
                  open: bool = True, reconnect_initial: float = 0.05,
                  reconnect_max: float = 2.0,
@@ -336,6 +347,8 @@ class ConnectionPool:
         self.query_timeout = _check_duration("query_timeout", query_timeout, allow_zero=False)
         self.probe_after = _required_duration("probe_after", probe_after)
         self.fairness_threshold = _required_duration("fairness_threshold", fairness_threshold)
+        self._handoff_after = self.fairness_threshold  # adapted under the lock
+        self._hold_avg = 0.0
         self.leak_threshold = _check_duration("leak_threshold", leak_threshold,
                                               allow_zero=False)
         self.reconnect_initial = _required_duration("reconnect_initial", reconnect_initial,
@@ -510,7 +523,7 @@ class ConnectionPool:
         # re-taken by itself (see the module doc on fairness).
         looper = self._last_releaser == me
         if self._idle and not self._closed and (
-                not self._waiters or now - self._waiters[0].since < self.fairness_threshold):
+                not self._waiters or now - self._waiters[0].since < self._handoff_after):
             slot = self._idle.pop()
             self._leases.add(slot)
             self._granted += 1
@@ -518,6 +531,7 @@ class ConnectionPool:
         else:
             lock.release()
             slot = self._wait_for_slot(lease, now)
+            now = _monotonic()
         # Outside the lock: a connector the pool could know is unusable is
         # never handed out.
         if (slot.generation != self._generation or now >= slot.expires or
@@ -529,6 +543,7 @@ class ConnectionPool:
             lease._timeout = max(0.0, lease._timeout - (_monotonic() - now))
             return self._acquire(lease)
         slot.owner = me
+        slot.leased_at = now
         if self.check_ownership:
             slot.check_owner = _connectors.OwnershipCheck(slot)
         if self.leak_threshold is not None:
@@ -575,7 +590,7 @@ class ConnectionPool:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
             if self._idle and (not self._waiters or
-                               start - self._waiters[0].since < self.fairness_threshold):
+                               start - self._waiters[0].since < self._handoff_after):
                 # The idle connector appeared between the fast path and here.
                 slot = self._idle.pop()
                 self._leases.add(slot)
@@ -588,7 +603,7 @@ class ConnectionPool:
                     f"(max_waiting={self.max_waiting}); size {self._size}/{self.max_size}, "
                     f"leased {len(self._leases)}. Raise max_waiting or max_size, or shed load")
             if self._idle and self._waiters and (
-                    start - self._waiters[0].since >= self.fairness_threshold):
+                    start - self._waiters[0].since >= self._handoff_after):
                 # An idle connector is owed to a starving waiter: hand it over
                 # and queue behind.
                 self._handoff(self._idle.pop())
@@ -598,7 +613,7 @@ class ConnectionPool:
             self._ensure_bg()  # first use in a forked child
         # Wait outside the pool lock.  The wake-up slice bounds how long an
         # idle connector can go unnoticed if a barging thread never returns.
-        slice_ = max(4 * self.fairness_threshold, 0.005)
+        slice_ = min(max(4 * self._handoff_after, 0.005), 0.05)
         while True:
             left = deadline - _monotonic()
             got = waiter.lock.acquire(timeout=min(max(left, 0.0), slice_)) if left > 0 else False
@@ -725,8 +740,20 @@ class ConnectionPool:
             else:
                 wake = False
                 waiters = self._waiters
+                if waiters:
+                    # The hand-off threshold follows the load: a few times the
+                    # wait a fair share implies (mean hold x waiters per
+                    # connector), capped by fairness_threshold.  Barging saves
+                    # one thread wake-up per lease; it is worth the most when
+                    # holds are short, and is cut short when they are long.
+                    ha = self._hold_avg
+                    ha += (now - slot.leased_at - ha) * 0.05
+                    self._hold_avg = ha
+                    self._handoff_after = min(self.fairness_threshold, max(
+                        _MIN_HANDOFF_AFTER,
+                        _FAIR_WAITS * ha * len(waiters) / (self._size or 1)))
                 if waiters and (not lease._looper or
-                                now - waiters[0].since >= self.fairness_threshold):
+                                now - waiters[0].since >= self._handoff_after):
                     self._handoff(slot)
                 else:
                     self._idle.append(slot)
