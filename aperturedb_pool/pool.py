@@ -544,11 +544,9 @@ class ConnectionPool:
             return self._acquire(lease)
         slot.owner = me
         slot.leased_at = now
-        if self.check_ownership:
-            slot.check_owner = _connectors.OwnershipCheck(slot)
         if self.leak_threshold is not None:
             slot.leased_at = _monotonic()
-            slot.lease_stack = traceback.format_stack(limit=16)[:-3]
+            slot.lease_stack = traceback.format_stack(limit=18)[:-2]  # drop _acquire + its caller here
             slot.leak_reported = False
         lease._slot = slot
         lease.conn = slot.conn
@@ -589,6 +587,9 @@ class ConnectionPool:
         with lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
+            if not self._opened:
+                raise PoolError(f"pool {self.name!r} is not open: it was created with "
+                                f"open=False; call pool.open() first")
             if self._idle and (not self._waiters or
                                start - self._waiters[0].since < self._handoff_after):
                 # The idle connector appeared between the fast path and here.
@@ -717,7 +718,6 @@ class ConnectionPool:
             elif now >= slot.expires:
                 drop_reason = "expired"
         slot.returned = now
-        slot.check_owner = None
         lock = self._lock
         lock.acquire()
         closed_now = False
@@ -996,6 +996,10 @@ class ConnectionPool:
         with self._lock:
             gen = self._generation
         slot = _Slot(conn, gen, _monotonic(), self.max_lifetime, self.keepalive_interval)
+        if self.check_ownership:
+            # Installed for the connector's whole life: outside a lease its
+            # owner is None and any query raises.
+            slot.check_owner = _connectors.OwnershipCheck(slot)
         slot.tracked = _connectors.instrument(conn, slot, tcp_keepalive=self.tcp_keepalive,
                                               query_timeout=self.query_timeout,
                                               probe_after=self.probe_after)
@@ -1004,7 +1008,9 @@ class ConnectionPool:
                 conn.connect()
                 # One round trip: authenticates the shared session if needed and
                 # proves the connection works before anyone leases it.
+                slot.owner = _get_ident()
                 self._ping(conn)
+                slot.owner = None
         except BaseException:
             _close_quietly(conn)
             raise
@@ -1130,7 +1136,11 @@ class ConnectionPool:
             if slot.poller is not None and probe_socket(socket_of(slot.conn)) is not None:
                 ok, reason = False, "probe"
             else:
-                self._ping(slot.conn)
+                slot.owner = _get_ident()
+                try:
+                    self._ping(slot.conn)
+                finally:
+                    slot.owner = None
         except Exception as e:
             ok, reason = False, f"failed_ping: {e}"
         now = _monotonic()

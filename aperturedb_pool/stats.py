@@ -53,6 +53,11 @@ class PoolStats:
     leaks_reported: int = 0
     generation: int = 0
 
+    def __post_init__(self) -> None:
+        # A snapshot never changes, its mapping included.
+        if not isinstance(self.discarded, MappingProxyType):
+            object.__setattr__(self, "discarded", _frozen(self.discarded))
+
     @property
     def wait_time_mean(self) -> float:
         return self.wait_time_total / self.leases_granted if self.leases_granted else 0.0

@@ -265,6 +265,18 @@ def _failed(info: str) -> dict[str, Any]:
     return {"status": STATUS_ERROR, "info": info}
 
 
+def _restore_props(e: Entity, old: dict[str, Any]) -> Callable[[], None]:
+    def undo() -> None:
+        e.props = old
+    return undo
+
+
+def _reinsert(objects: dict[int, Entity], e: Entity) -> Callable[[], None]:
+    def undo() -> None:
+        objects[e.uid] = e
+    return undo
+
+
 class _Transaction:
     """One query's execution state: references, blobs, and the undo log."""
 
@@ -275,7 +287,7 @@ class _Transaction:
         self.blob_pos = 0
         self.out_blobs: list[bytes] = []
         self.refs: dict[int, list[Entity]] = {}
-        self.undo: list[Callable[[], None]] = []
+        self.undo: list[Callable[[], Any]] = []
 
     def rollback(self) -> None:
         for fn in reversed(self.undo):
@@ -463,7 +475,8 @@ class _Transaction:
         try:
             have.sort(key=lambda e: _plain(e.props[key]), reverse=order == "descending")
         except TypeError:
-            raise CommandError(f"{where}: property {key!r} has values that cannot be ordered")
+            raise CommandError(
+                f"{where}: property {key!r} has values that cannot be ordered") from None
         return have + missing
 
     def _update(self, where: str, params: dict, kind: str) -> dict[str, Any]:
@@ -473,8 +486,7 @@ class _Transaction:
             raise CommandError(f"{where}: 'remove_props' must be a list of property names")
         found = self._select(where, params, kind, "with_class")
         for e in found:
-            old = dict(e.props)
-            self.undo.append(lambda e=e, old=old: setattr(e, "props", old))
+            self.undo.append(_restore_props(e, dict(e.props)))
             new = dict(e.props)
             for k in remove:
                 new.pop(k, None)
@@ -486,7 +498,7 @@ class _Transaction:
         found = self._select(where, params, kind, "with_class")
         for e in found:
             del self.objects[e.uid]
-            self.undo.append(lambda e=e: self.objects.__setitem__(e.uid, e))
+            self.undo.append(_reinsert(self.objects, e))
         return {"status": STATUS_OK, "count": len(found)}
 
     def _get_status(self, where: str, params: dict) -> dict[str, Any]:

@@ -35,9 +35,10 @@ from aperturedb_pool.testing._wire import CONTROL_PROTOCOL, CONTROL_VERSION, HEL
 __all__ = ["ServerControl", "ServerProcess", "make_connector"]
 
 
-def make_connector(host: str, port: int, *, tls: bool, ca_path: str | None, username: str,
-                   password: str, **overrides: Any) -> Any:
-    """A real ``aperturedb.Connector`` for a server at ``host:port``."""
+def make_connector(host: str, port: int, tls: bool, ca_path: str | None, username: str,
+                   password: str, overrides: dict[str, Any]) -> Any:
+    """A real ``aperturedb.Connector`` for a server at ``host:port``; ``overrides`` are
+    ``Connector`` keyword arguments that replace the defaults given here."""
     if "aperturedb" not in sys.modules:
         # Otherwise importing the SDK may write an error.<time>.log into the working directory.
         os.environ.setdefault("ADB_LOG_FILE", "")
@@ -208,7 +209,11 @@ class ServerProcess(ServerControl):
                  session_ttl: float = 3600, refresh_ttl: float = 36000,
                  latency: float | tuple[float, float] = 0.0, tokens: tuple[str, ...] = (),
                  idle_timeout: float | None = None, max_clients: int | None = None,
-                 startup_timeout: float = 60.0, python: str | None = None) -> None:
+                 control: bool = True, startup_timeout: float = 60.0,
+                 python: str | None = None) -> None:
+        if not control:
+            raise ValueError("ServerProcess drives its server through the control channel: "
+                             "control=False is not possible (run the CLI with --no-control)")
         super().__init__(host, port)
         self.host = host
         self.tls = tls
@@ -301,5 +306,5 @@ class ServerProcess(ServerControl):
 
     def connector(self, **overrides: Any) -> Any:
         """A real ``aperturedb.Connector`` configured for this server."""
-        return make_connector(self.host, self.port, tls=self.tls, ca_path=self.ca_path,
-                              username=self.username, password=self.password, **overrides)
+        return make_connector(self.host, self.port, self.tls, self.ca_path, self.username,
+                              self.password, overrides)
