@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -63,7 +63,8 @@ class PoolStats:
         return self.wait_time_total / self.leases_granted if self.leases_granted else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """A plain (JSON-ready) dict of every field."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["discarded"] = dict(self.discarded)
         return d
 
