@@ -28,12 +28,13 @@ import ssl
 import sys
 import threading
 import time
+from typing import Any
 
 BUDGET_US = 47.5
 
 
 def _raw_client(host: str, port: int, tls: bool, ca_path: str | None, n_conns: int,
-                per_conn: int, ready: mp.Barrier, go: mp.Event, result: mp.Queue) -> None:
+                per_conn: int, ready: Any, go: Any, result: Any) -> None:
     from aperturedb_pool.testing._wire import HELLO, LENGTH, frame, query_message_class
 
     qm = query_message_class()
@@ -87,7 +88,7 @@ def _raw_client(host: str, port: int, tls: bool, ca_path: str | None, n_conns: i
 
 
 def _sdk_client(host: str, port: int, tls: bool, ca_path: str | None, n_conns: int,
-                per_conn: int, ready: mp.Barrier, go: mp.Event, result: mp.Queue) -> None:
+                per_conn: int, ready: Any, go: Any, result: Any) -> None:
     os.environ["ADB_LOG_FILE"] = ""
     from aperturedb.Connector import Connector
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = mp.get_context("spawn")
         ready = ctx.Barrier(a.procs + 1)
         go = ctx.Event()
-        result: mp.Queue = ctx.Queue()
+        result: Any = ctx.Queue()
         clients = [ctx.Process(target=target, args=(
             "127.0.0.1", server.port, a.tls, server.ca_path, a.connections // a.procs,
             per_conn, ready, go, result)) for _ in range(a.procs)]

@@ -413,7 +413,21 @@ class EmbeddedServer:
         self._call(self._apply_max_clients, n)
 
     def counters(self) -> dict[str, Any]:
-        """A snapshot of the counters as a plain dict."""
+        """A snapshot of the counters as a plain dict.
+
+        ``accepted``: client connections whose hello was accepted (not control
+        connections, not refused or rejected ones); ``open``/``waiting``: client
+        connections open now / waiting for a ``max_clients`` slot; ``pending``:
+        connections with a request read and not answered yet; ``requests``: queries
+        received (``requests_by_command``: each command of them, rejected ones
+        included); ``authenticate``/``authenticate_failed``, ``refresh``/
+        ``refresh_failed``; ``session_rejections``: queries answered "Not
+        Authenticated!" and not run; ``sharing_violations``: a request that
+        arrived on a connection before the previous one was answered;
+        ``hello_rejected``, ``refused``, ``dropped``, ``idle_closed``,
+        ``fault_closed``, ``garbage_sent``, ``failed_transactions``,
+        ``control_requests``, ``sessions`` (live sessions).
+        """
         return self._call(self._snapshot_counters)
 
     def reset_counters(self) -> None:

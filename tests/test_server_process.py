@@ -1,0 +1,135 @@
+"""``aperturedb-pool serve`` (the CLI), ``ServerProcess`` and its control channel."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["ADB_LOG_FILE"] = ""  # before any aperturedb import
+
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from aperturedb_pool.testing import EmbeddedServer, ServerControl, ServerProcess
+
+
+def _read_lines_until(proc, pattern, timeout=30.0):
+    """Lines of ``proc.stdout`` up to one matching ``pattern`` (bounded wait)."""
+    lines = []
+    buf = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {pattern!r} line; got {lines!r}"
+            if not sel.select(left):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"process ended; got {lines!r}"
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                lines.append(line.decode())
+                if re.fullmatch(pattern, lines[-1]):
+                    return lines
+
+
+@pytest.mark.parametrize("extra", [[], ["--tls"]])
+def test_cli_prints_its_line_and_exits_0_on_sigterm(extra):
+    proc = subprocess.Popen([sys.executable, "-m", "aperturedb_pool", "serve", "--port", "0",
+                             "--latency-ms", "0", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = _read_lines_until(proc, r"listening on 127\.0\.0\.1:\d+")
+        port = int(lines[-1].rsplit(":", 1)[1])
+        if extra:
+            assert len(lines) == 2 and lines[0].startswith("ca certificate: ")
+            ca = lines[0].split(": ", 1)[1]
+            assert os.path.isfile(ca)
+        else:
+            assert len(lines) == 1
+        with ServerControl("127.0.0.1", port) as ctl:
+            assert ctl.ping() == "pong"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert out == b""  # nothing but the startup lines
+        if extra:
+            assert not os.path.exists(ca)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--port", "70000"], "--port"),
+    (["--cert", "x.pem"], "--cert"),
+    (["--no-auth", "--user", "u"], "--no-auth"),
+    (["--session-ttl", "0"], "--session-ttl"),
+    (["--latency-ms", "fast"], "--latency-ms"),
+    (["--max-clients", "0"], "--max-clients"),
+])
+def test_cli_bad_arguments_name_the_option(args, option):
+    from aperturedb_pool.testing import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+
+
+def test_cli_bad_argument_message(capsys):
+    from aperturedb_pool.testing import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--refresh-ttl", "-1"])
+    assert "--refresh-ttl" in capsys.readouterr().err
+
+
+def test_server_process_and_control_channel():
+    with ServerProcess(session_ttl=600) as sp:
+        assert sp.pid and sp.port
+        c = sp.connector(retry_interval_seconds=0.01)
+        r, _ = c.query([{"AddEntity": {"class": "P", "properties": {"k": 1}}}])
+        assert r[0]["AddEntity"]["status"] == 0
+        k = sp.counters()
+        assert k["authenticate"] == 1 and k["requests_by_command"]["AddEntity"] == 1
+        # Another process (here: another object) attaches to the same control channel.
+        with ServerControl(*sp.address) as other:
+            assert other.drop_connections() == 1
+            assert other.counters()["dropped"] == 1
+            other.set_latency((0.0, 0.001))
+            other.set_latency(0)
+            other.close_after_next_request(False, "AddEntity")
+        c2 = sp.connector(retry_max_attempts=1, retry_interval_seconds=0.01)
+        with pytest.raises(Exception, match="Could not query"):
+            c2.query([{"AddEntity": {"class": "P"}}])
+        assert len(sp.dump()) == 1
+        sp.restart()
+        assert c.query([{"GetStatus": {}}])[0][0]["GetStatus"]["status"] == 0
+        assert sp.counters()["authenticate"] == 3  # c re-authenticated after the restart
+        sp.reset_counters()
+        assert sp.counters()["requests"] == 0
+        with pytest.raises(RuntimeError, match="unknown control method"):
+            sp.call("stop")
+    assert sp.returncode == 0
+
+
+def test_server_process_tls():
+    with ServerProcess(tls=True) as sp:
+        assert sp.ca_path and os.path.isfile(sp.ca_path)
+        c = sp.connector(host="localhost")
+        assert c.query([{"GetStatus": {}}])[0][0]["GetStatus"]["status"] == 0
+        assert sp.counters()["accepted"] == 1
+
+
+def test_control_channel_can_be_disabled():
+    with EmbeddedServer(control=False) as s:
+        with pytest.raises(ConnectionError, match="no control channel"):
+            ServerControl(*s.address).ping()
