@@ -82,9 +82,10 @@ class _AppState:
     def __init__(self, app: Flask, config: ApertureDBConfig) -> None:
         self.config = config
         name = app.name
-        options: dict[str, Any] = {}
 
         def make_pool() -> ConnectionPool:
+            # The default name carries the pid of the process that created the pool.
+            options: dict[str, Any] = {}
             if "name" not in config.pool_options:
                 options["name"] = f"flask:{name}:{os.getpid()}"
             return config.make_pool(**options)  # type: ignore[no-any-return]

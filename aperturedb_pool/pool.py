@@ -205,12 +205,16 @@ class Lease:
         """Return the connector.  Pass the exception that ended the work, if any."""
         self._pool._release(self, error)
 
-    def discard(self) -> None:
-        """Return the connector to be closed rather than reused."""
+    def discard(self, error: BaseException | None = None) -> None:
+        """Return the connector to be closed rather than reused.
+
+        Pass the error that condemned it, if any: a connector error that says
+        the server went away retires the connector's whole generation.
+        """
         slot = self._slot
         if slot is not None:
             slot.in_flight = True
-        self._pool._release(self, None)
+        self._pool._release(self, error)
 
     @property
     def active(self) -> bool:

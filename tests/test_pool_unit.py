@@ -1,0 +1,1049 @@
+"""Unit tests of ConnectionPool's own logic, with stand-in connectors (no socket).
+
+A stand-in is any object with ``clone()``, ``query()`` and ``close()``; the pool
+skips its socket probe for it.  Synchronisation uses events and the pool's own
+state; the only polling is ``wait_until`` on effects of the pool's background
+thread (opening and closing connectors), which has no hook to wait on.
+Time-dependent rules (lifetime, idle shrink, keepalive) run on a shifted
+clock injected as ``aperturedb_pool.pool._monotonic``, so nothing sleeps for
+them.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+import pytest
+
+import aperturedb_pool.pool as pool_mod
+from aperturedb_pool import (
+    ConnectFailed,
+    ConnectionPool,
+    LeaseError,
+    OutcomeUnknown,
+    PoolClosed,
+    PoolError,
+    PoolStats,
+    PoolTimeout,
+    RetryPolicy,
+    ServerUnreachable,
+    TooManyWaiters,
+)
+
+JOIN = 10.0  # seconds: upper bound of every join / wait in this module
+
+# ---------------------------------------------------------------------------
+# stand-ins and helpers
+# ---------------------------------------------------------------------------
+
+
+class StandIn:
+    """A stand-in Connector: clone/query/close, no socket.
+
+    It records its queries, counts threads inside ``query`` at once (a pool
+    bug would show as ``overlaps``) and can be told to fail or block the next
+    query.
+    """
+
+    def __init__(self, parent: StandIn | None = None) -> None:
+        self.parent = parent
+        self.clones: list[StandIn] = []
+        self.closed = False
+        self.close_calls = 0
+        self.queries: list[Any] = []
+        self.inside = 0
+        self.overlaps = 0
+        self.fail_next: BaseException | None = None
+        self.fail_ping = False
+        self.entered: threading.Event | None = None
+        self.proceed: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    # The template's API -----------------------------------------------------
+    def clone(self) -> StandIn:
+        c = StandIn(parent=self)
+        with self._lock:
+            self.clones.append(c)
+        return c
+
+    def query(self, q: Any, blobs: Any = None) -> Any:
+        with self._lock:
+            if self.closed:
+                raise AssertionError("query on a closed connector")
+            self.inside += 1
+            if self.inside > 1:
+                self.overlaps += 1
+            self.queries.append(q)
+        try:
+            if self.entered is not None:
+                self.entered.set()
+            if self.proceed is not None:
+                assert self.proceed.wait(JOIN)
+            if self.fail_next is not None:
+                e, self.fail_next = self.fail_next, None
+                raise e
+            name = next(iter(q[0])) if isinstance(q, list) and q else "?"
+            if name == "GetStatus":
+                if self.fail_ping:
+                    raise ConnectionResetError("ping failed")
+                return [{"GetStatus": {"status": 0, "info": "OK"}}], []
+            return [{name: {"status": 0, "returned": 0}}], []
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self.close_calls += 1
+
+
+class OldSDKStandIn:
+    """An SDK before 0.4.33: create_new_connection() and no clone()."""
+
+    def __init__(self) -> None:
+        self.made: list[StandIn] = []
+
+    def create_new_connection(self) -> StandIn:
+        c = StandIn()
+        self.made.append(c)
+        return c
+
+    def query(self, q: Any, blobs: Any = None) -> Any:  # pragma: no cover - never called
+        raise AssertionError("the pool must never query through the template")
+
+    def close(self) -> None:
+        pass
+
+
+class SlottedStandIn:
+    """A stand-in that takes no instance attributes: its queries cannot be observed."""
+
+    __slots__ = ("closed", "fail")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.fail = False
+
+    def clone(self) -> SlottedStandIn:
+        return SlottedStandIn()
+
+    def query(self, q: Any, blobs: Any = None) -> Any:
+        return [{"GetStatus": {"status": 0}}], []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = JOIN, what: str = "condition") -> Any:
+    """Poll ``pred`` until true (for effects of the pool's background thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.002)
+
+
+class ShiftedClock:
+    """time.monotonic() plus an offset that tests advance to make time pass."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def kick(pool: ConnectionPool) -> None:
+    """Run a maintenance round now instead of at its scheduled time."""
+    pool._bg_wakeup.set()
+
+
+def discarded(pool: ConnectionPool, reason: str) -> int:
+    return pool.stats().discarded.get(reason, 0)
+
+
+@pytest.fixture
+def template() -> StandIn:
+    return StandIn()
+
+
+@pytest.fixture
+def make_pool(template: StandIn) -> Any:
+    pools: list[ConnectionPool] = []
+
+    def make(tmpl: Any = None, **kw: Any) -> ConnectionPool:
+        kw.setdefault("timeout", 5.0)
+        p = ConnectionPool(template if tmpl is None else tmpl, **kw)
+        pools.append(p)
+        return p
+
+    yield make
+    for p in pools:
+        p.close()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> ShiftedClock:
+    c = ShiftedClock()
+    monkeypatch.setattr(pool_mod, "_monotonic", c)
+    return c
+
+
+def start(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run fn in a thread; its result or exception lands in the returned dict."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: B036 - handed to the test thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def join(t: threading.Thread) -> None:
+    t.join(JOIN)
+    assert not t.is_alive(), "thread did not finish in time"
+
+
+# ---------------------------------------------------------------------------
+# construction and options
+# ---------------------------------------------------------------------------
+
+
+def test_template_is_cloned_and_never_queried(make_pool: Any, template: StandIn) -> None:
+    pool = make_pool(min_size=2, max_size=4)
+    pool.wait_ready(JOIN)
+    with pool.lease() as conn:
+        assert conn is not template
+        assert conn in template.clones
+        conn.query([{"FindEntity": {}}])
+    assert template.queries == []
+    assert not template.closed
+    assert pool.stats().size == 2
+    assert pool.stats().connectors_opened == 2
+
+
+def test_create_new_connection_is_used_for_old_sdks(make_pool: Any) -> None:
+    old = OldSDKStandIn()
+    pool = make_pool(old, min_size=1, max_size=1)
+    with pool.lease() as conn:
+        assert conn in old.made
+        assert conn.query([{"GetStatus": {}}])[0][0]["GetStatus"]["status"] == 0
+
+
+def test_connector_factory_instead_of_template(make_pool: Any) -> None:
+    made: list[StandIn] = []
+
+    def factory() -> StandIn:
+        made.append(StandIn())
+        return made[-1]
+
+    pool = ConnectionPool(connector_factory=factory, min_size=1, max_size=2, timeout=5)
+    try:
+        with pool.lease() as conn:
+            assert conn is made[0]
+    finally:
+        pool.close()
+    with pytest.raises(TypeError, match="not both"):
+        ConnectionPool(StandIn(), connector_factory=factory)
+
+
+def test_open_false_defers_opening(make_pool: Any, template: StandIn) -> None:
+    pool = make_pool(min_size=2, max_size=2, open=False)
+    assert template.clones == []
+    assert pool.stats().size == 0
+    pool.open(wait=True, timeout=JOIN)
+    assert pool.stats().size == 2
+    assert pool.stats().idle == 2
+
+
+def test_wait_ready_fails_fast_on_an_error_retrying_cannot_fix(make_pool: Any) -> None:
+    class Broken(StandIn):
+        def clone(self) -> StandIn:
+            raise PermissionError("bad credentials")
+
+    pool = make_pool(Broken(), min_size=1, max_size=1, reconnect_initial=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(PermissionError, match="bad credentials"):
+        pool.wait_ready(timeout=JOIN)
+    assert time.monotonic() - t0 < JOIN / 2
+
+
+def test_wait_ready_times_out_on_transient_failures_with_the_cause(make_pool: Any) -> None:
+    class Refused(StandIn):
+        def clone(self) -> StandIn:
+            raise ConnectFailed("could not connect to h:1: refused")
+
+    pool = make_pool(Refused(), min_size=1, max_size=1, reconnect_initial=0.01,
+                     reconnect_max=0.02)
+    with pytest.raises(PoolTimeout) as info:
+        pool.wait_ready(timeout=0.2)
+    assert isinstance(info.value.__cause__, ConnectFailed)
+    assert "refused" in str(info.value)
+    wait_until(lambda: pool.stats().refill_failures >= 2, what="refill failures")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "words"),
+    [
+        ({"min_size": 3, "max_size": 2}, ValueError, ["min_size", "3", "max_size", "2"]),
+        ({"max_size": 0}, ValueError, ["max_size", "0"]),
+        ({"min_size": -1}, ValueError, ["min_size", "-1"]),
+        ({"min_size": "2"}, TypeError, ["min_size", "'2'"]),
+        ({"max_size": 2.5}, TypeError, ["max_size", "2.5"]),
+        ({"max_size": True}, TypeError, ["max_size", "True"]),
+        ({"timeout": -1}, ValueError, ["timeout", "-1"]),
+        ({"timeout": math.nan}, ValueError, ["timeout", "nan"]),
+        ({"timeout": "5"}, TypeError, ["timeout", "'5'"]),
+        ({"timeout": None}, ValueError, ["timeout", "None"]),
+        ({"max_lifetime": -5.0}, ValueError, ["max_lifetime", "-5.0"]),
+        ({"max_lifetime": 0}, ValueError, ["max_lifetime", "0"]),
+        ({"max_idle": math.nan}, ValueError, ["max_idle", "nan"]),
+        ({"keepalive_interval": -1}, ValueError, ["keepalive_interval", "-1"]),
+        ({"query_timeout": math.nan}, ValueError, ["query_timeout", "nan"]),
+        ({"leak_threshold": -0.5}, ValueError, ["leak_threshold", "-0.5"]),
+        ({"probe_after": -1}, ValueError, ["probe_after", "-1"]),
+        ({"fairness_threshold": math.nan}, ValueError, ["fairness_threshold", "nan"]),
+        ({"reconnect_initial": 0}, ValueError, ["reconnect_initial", "0"]),
+        ({"reconnect_max": -2}, ValueError, ["reconnect_max", "-2"]),
+        ({"max_waiting": -1}, ValueError, ["max_waiting", "-1"]),
+        ({"tcp_keepalive": (30, 10)}, ValueError, ["tcp_keepalive", "(30, 10)"]),
+        ({"tcp_keepalive": (-1, 10, 3)}, ValueError, ["tcp_keepalive", "idle", "-1"]),
+        ({"tcp_keepalive": (30, 10, 0)}, ValueError, ["tcp_keepalive", "count", "0"]),
+        ({"retry": 3}, TypeError, ["retry", "3"]),
+    ],
+)
+def test_bad_options_name_the_parameter_and_value(kwargs: dict, exc: type, words: list) -> None:
+    with pytest.raises(exc) as info:
+        ConnectionPool(StandIn(), open=False, **kwargs)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize("tmpl", [object(), 42, "localhost"])
+def test_template_without_clone_is_a_type_error(tmpl: Any) -> None:
+    with pytest.raises(TypeError, match="template") as info:
+        ConnectionPool(tmpl, open=False)
+    assert "clone" in str(info.value)
+
+
+def test_template_without_query_is_a_type_error() -> None:
+    class NoQuery:
+        def clone(self) -> Any:  # pragma: no cover
+            return self
+
+        def close(self) -> None:  # pragma: no cover
+            pass
+
+    with pytest.raises(TypeError, match=r"template.*query"):
+        ConnectionPool(NoQuery(), open=False)
+
+
+def test_bad_lease_timeout_names_the_parameter(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    pool.wait_ready(JOIN)
+    # Validation must not depend on whether a connector happens to be idle.
+    for bad, exc in ((-1, ValueError), (math.nan, ValueError), ("1", TypeError)):
+        with pytest.raises(exc, match="timeout"):
+            with pool.lease(timeout=bad):
+                pass
+        with pytest.raises(exc, match="timeout"):
+            pool.acquire(timeout=bad)
+    held = pool.acquire()
+    try:
+        with pytest.raises(ValueError, match="timeout"):
+            pool.acquire(timeout=-1)
+    finally:
+        held.release()
+    assert pool.stats().leased == 0
+
+
+# ---------------------------------------------------------------------------
+# leasing and returning
+# ---------------------------------------------------------------------------
+
+
+def test_a_returned_connector_is_reused(make_pool: Any, template: StandIn) -> None:
+    pool = make_pool(min_size=1, max_size=4)
+    with pool.lease() as first:
+        first.query([{"GetStatus": {}}])
+    for _ in range(20):
+        with pool.lease() as conn:
+            assert conn is first
+    s = pool.stats()
+    assert s.leases_granted == 21
+    assert s.connectors_opened == 1 and len(template.clones) == 1
+    assert s.leased == 0 and s.idle == 1 and sum(s.discarded.values()) == 0
+
+
+def test_concurrent_leases_get_distinct_connectors_and_grow_to_max(make_pool: Any,
+                                                                   template: StandIn) -> None:
+    pool = make_pool(min_size=0, max_size=3)
+    leases = [pool.acquire() for _ in range(3)]
+    conns = [lease.conn for lease in leases]
+    assert len({id(c) for c in conns}) == 3
+    s = pool.stats()
+    assert (s.size, s.leased, s.idle) == (3, 3, 0)
+    with pytest.raises(PoolTimeout):
+        pool.acquire(timeout=0.05)
+    assert len(template.clones) == 3  # never beyond max_size
+    for lease in leases:
+        lease.release()
+    assert pool.stats().idle == 3
+
+
+def test_exception_inside_a_query_discards_the_connector(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with pool.lease() as conn:
+            conn.fail_next = RuntimeError("boom")
+            conn.query([{"FindEntity": {}}])
+    assert conn.closed or wait_until(lambda: conn.closed, what="close")
+    assert discarded(pool, "interrupted") == 1
+    with pool.lease() as other:
+        assert other is not conn
+        other.query([{"GetStatus": {}}])
+
+
+def test_keyboard_interrupt_inside_a_query_discards_the_connector(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        with pool.lease() as conn:
+            conn.fail_next = KeyboardInterrupt()
+            conn.query([{"FindEntity": {}}])
+    wait_until(lambda: conn.closed, what="close")
+    assert discarded(pool, "interrupted") == 1
+    with pool.lease() as other:
+        assert other is not conn
+
+
+def test_caller_exception_between_queries_keeps_the_connector(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    with pytest.raises(ValueError, match="caller"):
+        with pool.lease() as conn:
+            conn.query([{"FindEntity": {}}])
+            raise ValueError("caller code failed")
+    with pool.lease() as again:
+        assert again is conn
+    assert not conn.closed
+    s = pool.stats()
+    assert dict(s.discarded) == {} and s.connectors_opened == 1
+
+
+def test_a_failed_query_caught_by_the_caller_still_discards(make_pool: Any) -> None:
+    # The stream is what matters, not whether the exception escaped the block.
+    pool = make_pool(min_size=1, max_size=1)
+    with pool.lease() as conn:
+        conn.fail_next = OSError("reset")
+        with pytest.raises(OSError):
+            conn.query([{"FindEntity": {}}])
+    wait_until(lambda: conn.closed, what="close")
+    assert discarded(pool, "broken") + discarded(pool, "interrupted") == 1
+
+
+def test_untrackable_stand_in_is_discarded_on_any_exception(make_pool: Any) -> None:
+    pool = make_pool(SlottedStandIn(), min_size=1, max_size=1)
+    with pool.lease() as conn:
+        conn.query([{"GetStatus": {}}])
+    with pool.lease() as again:
+        assert again is conn
+    with pytest.raises(ValueError):
+        with pool.lease() as conn:
+            raise ValueError("cannot tell if a query was running")
+    wait_until(lambda: conn.closed, what="close")
+    assert discarded(pool, "interrupted") == 1
+
+
+def test_lease_discard_closes_the_connector(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    lease = pool.acquire()
+    conn = lease.conn
+    lease.discard()
+    wait_until(lambda: conn.closed, what="close")
+    assert sum(pool.stats().discarded.values()) == 1
+    with pool.lease() as other:
+        assert other is not conn
+
+
+def test_acquire_release_pair(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=2)
+    lease = pool.acquire()
+    assert lease.active
+    assert lease.conn.query([{"GetStatus": {}}])[0][0]["GetStatus"]["status"] == 0
+    assert pool.stats().leased == 1
+    pool.release(lease)
+    assert not lease.active and lease.conn is None
+    assert pool.stats().leased == 0
+    with pytest.raises(LeaseError, match="already released"):
+        lease.release()
+    with pytest.raises(LeaseError, match="already released"):
+        pool.release(lease)
+    second = pool.acquire()
+    second.release(ValueError("caller error, not a query"))  # kept: nothing in flight
+    assert pool.stats().idle >= 1 and dict(pool.stats().discarded) == {}
+
+
+def test_release_rejects_foreign_leases(make_pool: Any) -> None:
+    a = make_pool(min_size=1, max_size=1, name="a")
+    b = make_pool(min_size=1, max_size=1, name="b")
+    lease = a.acquire()
+    with pytest.raises(LeaseError, match="'b'"):
+        b.release(lease)
+    with pytest.raises(LeaseError):
+        b.release("not a lease")  # type: ignore[arg-type]
+    a.release(lease)
+
+
+def test_a_lease_object_cannot_be_entered_twice(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=2)
+    lease = pool.lease()
+    with lease:
+        with pytest.raises(LeaseError, match="already acquired"):
+            lease.__enter__()
+    assert pool.stats().leased == 0
+
+
+def test_dropped_acquire_lease_is_reclaimed_with_resource_warning(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    lease = pool.acquire()
+    conn = lease.conn
+    with pytest.warns(ResourceWarning, match="without release"):
+        del lease
+        gc.collect()
+    wait_until(lambda: conn.closed, what="reclaimed connector closed")
+    s = pool.stats()
+    assert s.discarded.get("reclaimed") == 1 and s.leased == 0
+    with pool.lease(timeout=JOIN) as other:  # the pool refilled
+        assert other is not conn
+
+
+def test_with_block_lease_is_not_a_manual_lease(make_pool: Any, recwarn: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    for _ in range(3):
+        with pool.lease():
+            pass
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+# ---------------------------------------------------------------------------
+# waiting
+# ---------------------------------------------------------------------------
+
+
+def test_pool_timeout_message_and_type(make_pool: Any) -> None:
+    pool = make_pool(min_size=2, max_size=2, name="orders-db")
+    held = [pool.acquire(), pool.acquire()]
+    with pytest.raises(PoolTimeout) as info:
+        pool.acquire(timeout=0.05)
+    e = info.value
+    assert isinstance(e, TimeoutError) and isinstance(e, PoolError)
+    msg = str(e)
+    for part in ("'orders-db'", "0.05 s", "size 2/2", "leased 2", "idle 0", "waiting 0"):
+        assert part in msg, f"{part!r} not in {msg!r}"
+    s = pool.stats()
+    assert s.timeouts == 1 and s.waiting == 0
+    for lease in held:
+        lease.release()
+
+
+def test_pool_timeout_message_counts_other_waiters(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1, name="p")
+    held = pool.acquire()
+    t, box = start(lambda: pool.acquire(timeout=JOIN))
+    wait_until(lambda: pool.stats().waiting == 1, what="a waiter")
+    with pytest.raises(PoolTimeout, match="waiting 1"):
+        pool.acquire(timeout=0.02)
+    held.release()
+    join(t)
+    box["result"].release()
+
+
+def test_too_many_waiters(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1, max_waiting=1, name="tiny")
+    held = pool.acquire()
+    t, box = start(lambda: pool.acquire(timeout=JOIN))
+    wait_until(lambda: pool.stats().waiting == 1, what="a waiter")
+    t0 = time.monotonic()
+    with pytest.raises(TooManyWaiters) as info:
+        pool.acquire(timeout=JOIN)
+    assert time.monotonic() - t0 < JOIN / 2  # at once, not at the deadline
+    assert not isinstance(info.value, PoolTimeout)
+    assert "'tiny'" in str(info.value) and "max_waiting=1" in str(info.value)
+    assert pool.stats().rejected_waiters == 1
+    held.release()
+    join(t)
+    assert "error" not in box
+    box["result"].release()
+
+
+def test_max_waiting_zero_never_waits(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1, max_waiting=0)
+    with pool.lease():
+        with pytest.raises(TooManyWaiters):
+            pool.acquire(timeout=JOIN)
+    with pool.lease():  # idle connector: no waiting needed
+        pass
+
+
+def test_a_waiter_is_served_by_a_returned_connector(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    held = pool.acquire()
+    conn = held.conn
+    t, box = start(lambda: pool.acquire(timeout=JOIN))
+    wait_until(lambda: pool.stats().waiting == 1, what="a waiter")
+    held.release()
+    join(t)
+    lease = box["result"]
+    assert lease.conn is conn
+    s = pool.stats()
+    assert s.leases_waited == 1 and s.wait_time_max > 0 and s.waiting == 0
+    lease.release()
+
+
+def test_waiters_are_served_first_come_first_served(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    held = pool.acquire()
+    order: list[int] = []
+    threads = []
+    for i in range(6):
+        def work(i: int = i) -> None:
+            with pool.lease(timeout=JOIN) as conn:
+                order.append(i)
+                conn.query([{"GetStatus": {}}])
+        t, _ = start(work)
+        threads.append(t)
+        wait_until(lambda i=i: pool.stats().waiting == i + 1, what=f"waiter {i}")
+    held.release()
+    for t in threads:
+        join(t)
+    assert order == list(range(6))
+    assert pool.stats().size == 1
+
+
+def test_many_threads_never_share_a_connector(make_pool: Any, template: StandIn) -> None:
+    pool = make_pool(min_size=2, max_size=4, check_ownership=True)
+    barrier = threading.Barrier(16)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            barrier.wait(JOIN)
+            for _ in range(200):
+                with pool.lease(timeout=JOIN) as conn:
+                    conn.query([{"GetStatus": {}}])
+        except BaseException as e:  # noqa: B036
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        join(t)
+    assert errors == []
+    assert sum(c.overlaps for c in template.clones) == 0
+    s = pool.stats()
+    assert s.leases_granted == 16 * 200
+    assert 2 <= s.size <= 4 and s.leased == 0 and s.waiting == 0
+    assert s.connectors_opened - sum(s.discarded.values()) == s.size
+
+
+# ---------------------------------------------------------------------------
+# ownership check
+# ---------------------------------------------------------------------------
+
+
+def test_ownership_check_rejects_other_threads_and_use_after_release(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1, check_ownership=True)
+    with pool.lease() as conn:
+        conn.query([{"GetStatus": {}}])
+        t, box = start(lambda: conn.query([{"GetStatus": {}}]))
+        join(t)
+        assert isinstance(box.get("error"), LeaseError)
+        assert "thread" in str(box["error"])
+    with pytest.raises(LeaseError, match="not leased"):
+        conn.query([{"GetStatus": {}}])
+
+
+def test_ownership_check_is_off_by_default(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    with pool.lease() as conn:
+        pass
+    conn.query([{"GetStatus": {}}])  # misuse, but not checked when off
+
+
+# ---------------------------------------------------------------------------
+# closing and retiring
+# ---------------------------------------------------------------------------
+
+
+def test_close_with_leases_outstanding(make_pool: Any, template: StandIn) -> None:
+    pool = make_pool(min_size=2, max_size=2)
+    pool.wait_ready(JOIN)
+    held = pool.acquire()
+    held_conn = held.conn
+    idle_conn = [c for c in template.clones if c is not held_conn][0]
+    other = pool.acquire()
+    t, box = start(lambda: pool.acquire(timeout=JOIN))
+    wait_until(lambda: pool.stats().waiting == 1, what="a waiter")
+    other.release()  # handed to the waiter
+    join(t)
+    waiter_lease = box["result"]
+    t2, box2 = start(lambda: pool.acquire(timeout=JOIN))
+    wait_until(lambda: pool.stats().waiting == 1, what="a second waiter")
+
+    pool.close()
+    join(t2)
+    assert isinstance(box2.get("error"), PoolClosed)
+    assert pool.closed
+    # Leased connectors stay usable until they come back, then are closed.
+    assert held_conn.query([{"GetStatus": {}}])
+    assert not held_conn.closed
+    held.release()
+    assert held_conn.closed
+    waiter_lease.release()
+    assert idle_conn.closed
+    assert all(c.closed for c in template.clones)
+    with pytest.raises(PoolClosed):
+        with pool.lease():
+            pass
+    with pytest.raises(PoolClosed):
+        pool.acquire()
+    with pytest.raises(PoolClosed):
+        pool.open()
+    pool.close()  # idempotent
+    s = pool.stats()
+    assert s.size == 0 and s.leased == 0 and s.idle == 0
+    assert s.connectors_closed == s.connectors_opened == len(template.clones)
+
+
+def test_close_stops_the_background_thread(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    pool.wait_ready(JOIN)
+    thread = pool._bg_thread
+    assert thread is not None and thread.is_alive()
+    pool.close()
+    thread.join(JOIN)
+    assert not thread.is_alive()
+
+
+def test_context_manager_closes(template: StandIn) -> None:
+    with ConnectionPool(template, min_size=1, max_size=1, timeout=JOIN) as pool:
+        with pool.lease() as conn:
+            pass
+    assert pool.closed and conn.closed
+
+
+def test_close_with_a_grace_period_closes_leases_still_out(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    lease = pool.acquire()
+    conn = lease.conn
+    t0 = time.monotonic()
+    pool.close(timeout=0.05)
+    assert time.monotonic() - t0 < JOIN / 2
+    assert conn.closed  # closed under its holder after the grace period
+    lease.release()  # returning it later is harmless
+    assert pool.stats().leased == 0
+
+
+def test_a_dropped_pool_is_collected_and_its_thread_ends(template: StandIn) -> None:
+    pool = ConnectionPool(template, min_size=1, max_size=1)
+    pool.wait_ready(JOIN)
+    thread, wakeup, ref = pool._bg_thread, pool._bg_wakeup, weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert ref() is None
+    wakeup.set()
+    thread.join(JOIN)
+    assert not thread.is_alive()
+
+
+def test_retire_all(make_pool: Any, template: StandIn) -> None:
+    pool = make_pool(min_size=3, max_size=3)
+    pool.wait_ready(JOIN)
+    held = pool.acquire()
+    before = list(template.clones)
+    assert pool.retire_all() == 3
+    assert pool.stats().generation == 1
+    idle_old = [c for c in before if c is not held.conn]
+    wait_until(lambda: all(c.closed for c in idle_old), what="idle connectors closed")
+    assert not held.conn.closed  # leased: closed only when it comes back
+    held_conn = held.conn
+    held.release()
+    wait_until(lambda: held_conn.closed, what="retired connector closed on return")
+    assert pool.stats().discarded.get("retired") == 3
+    pool.wait_ready(JOIN)
+    wait_until(lambda: pool.stats().size == 3, what="refill")
+    new = [c for c in template.clones if c not in before]
+    assert len(new) == 3 and not any(c.closed for c in new)
+    with pool.lease() as conn:
+        assert conn in new
+
+
+# ---------------------------------------------------------------------------
+# time: lifetime, idle, keepalive, leaks
+# ---------------------------------------------------------------------------
+
+
+def test_max_lifetime_replaces_old_connectors(make_pool: Any, clock: ShiftedClock) -> None:
+    pool = make_pool(min_size=1, max_size=2, max_lifetime=100.0, keepalive_interval=None)
+    with pool.lease() as first:
+        pass
+    clock.advance(101.0)
+    # Expired: never handed out, whether caught at checkout or by maintenance.
+    with pool.lease() as second:
+        assert second is not first
+    wait_until(lambda: first.closed, what="expired connector closed")
+    assert pool.stats().discarded.get("expired") == 1
+    # A lease that outlives the connector's lifetime closes it on return.
+    lease = pool.acquire()
+    conn = lease.conn
+    clock.advance(101.0)
+    lease.release()
+    wait_until(lambda: conn.closed, what="expired on return")
+    assert pool.stats().discarded.get("expired") == 2
+
+
+def test_lifetime_has_jitter(make_pool: Any) -> None:
+    pool = make_pool(min_size=8, max_size=8, max_lifetime=1000.0)
+    pool.wait_ready(JOIN)
+    with pool._lock:
+        lifetimes = [s.expires - s.created for s in pool._idle]
+    assert len(lifetimes) == 8
+    assert all(950.0 <= x <= 1000.0 for x in lifetimes)
+    assert len(set(lifetimes)) > 1
+
+
+def test_max_idle_shrinks_to_min_size(make_pool: Any, clock: ShiftedClock) -> None:
+    pool = make_pool(min_size=1, max_size=4, max_idle=60.0, keepalive_interval=None)
+    leases = [pool.acquire() for _ in range(4)]
+    for lease in leases:
+        lease.release()
+    assert pool.stats().size == 4
+    clock.advance(30.0)
+    kick(pool)
+    with pool.lease():  # maintenance ran or not, nothing is old enough
+        pass
+    assert pool.stats().size == 4
+    clock.advance(61.0)
+    kick(pool)
+    wait_until(lambda: pool.stats().size == 1, what="shrink to min_size")
+    assert pool.stats().discarded.get("idle") == 3
+
+
+def test_keepalive_pings_idle_connectors(make_pool: Any, clock: ShiftedClock,
+                                         template: StandIn) -> None:
+    pool = make_pool(min_size=2, max_size=2, keepalive_interval=30.0, max_idle=None)
+    pool.wait_ready(JOIN)
+    clock.advance(31.0)
+    kick(pool)
+    wait_until(lambda: pool.stats().keepalive_pings >= 2, what="two pings")
+    for c in template.clones:
+        wait_until(lambda c=c: c.queries == [[{"GetStatus": {}}]], what="ping query")
+    wait_until(lambda: pool.stats().idle == 2, what="pinged connectors back in the pool")
+    # A failing ping discards the connector; the pool refills.
+    template.clones[0].fail_ping = True
+    clock.advance(31.0)
+    kick(pool)
+    wait_until(lambda: pool.stats().discarded.get("failed_ping", 0) == 1, what="failed ping")
+    wait_until(lambda: template.clones[0].closed, what="close")
+    wait_until(lambda: pool.stats().size == 2, what="refill")
+
+
+def test_recently_used_connectors_are_not_pinged(make_pool: Any, clock: ShiftedClock) -> None:
+    pool = make_pool(min_size=1, max_size=1, keepalive_interval=30.0, max_idle=None)
+    for _ in range(5):
+        clock.advance(20.0)
+        with pool.lease() as conn:
+            conn.query([{"FindEntity": {}}])
+        kick(pool)
+    with pool.lease() as conn:
+        assert all(q == [{"FindEntity": {}}] for q in conn.queries)
+    assert pool.stats().keepalive_pings == 0
+
+
+def test_leak_warning_names_the_borrowing_line(make_pool: Any,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="aperturedb_pool")
+    pool = make_pool(min_size=1, max_size=1, leak_threshold=0.05)
+    lease = pool.acquire()  # LEAK-LINE-UNIT
+    wait_until(lambda: pool.stats().leaks_reported == 1, what="leak report")
+    records = [r for r in caplog.records if "leased for" in r.getMessage()]
+    assert len(records) == 1
+    text = records[0].getMessage()
+    assert __file__ in text and "test_leak_warning_names_the_borrowing_line" in text
+    assert "LEAK-LINE-UNIT" in text
+    lease.release()
+    assert any("came back" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------
+# refill backoff and the unreachable server
+# ---------------------------------------------------------------------------
+
+
+class Flaky(StandIn):
+    """clone() fails while ``down`` is set (as a refused connection would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = threading.Event()
+        self.attempts = 0
+
+    def clone(self) -> StandIn:
+        self.attempts += 1
+        if self.down.is_set():
+            raise ConnectFailed("could not connect to db:55555: ConnectionRefusedError()")
+        return super().clone()
+
+
+def test_unreachable_server_timeout_then_recovery(make_pool: Any) -> None:
+    flaky = Flaky()
+    flaky.down.set()
+    pool = make_pool(flaky, min_size=1, max_size=2, reconnect_initial=0.01,
+                     reconnect_max=0.05, name="down")
+    with pytest.raises(PoolTimeout) as info:
+        pool.acquire(timeout=0.2)
+    msg = str(info.value)
+    assert "unreachable" in msg and "refused" in msg.lower()
+    s = pool.stats()
+    assert s.refill_failures >= 2 and s.size == 0
+    # Backoff: far fewer attempts than a busy loop would make.
+    assert flaky.attempts < 40
+    flaky.down.clear()
+    pool.wait_ready(timeout=JOIN)
+    with pool.lease(timeout=JOIN) as conn:
+        conn.query([{"GetStatus": {}}])
+    held = [pool.acquire(timeout=JOIN), pool.acquire(timeout=JOIN)]
+    with pytest.raises(PoolTimeout) as info2:
+        pool.acquire(timeout=0.01)
+    for lease in held:
+        lease.release()
+    assert "unreachable" not in str(info2.value)
+
+
+# ---------------------------------------------------------------------------
+# pool.query / pool.run with stand-ins
+# ---------------------------------------------------------------------------
+
+FAST = RetryPolicy(max_attempts=4, deadline=5.0, initial_delay=0.001, max_delay=0.002)
+
+
+def test_pool_query_returns_the_response(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    response, blobs = pool.query([{"FindEntity": {"with_class": "x"}}])
+    assert response == [{"FindEntity": {"status": 0, "returned": 0}}] and blobs == []
+    assert pool.stats().leased == 0
+
+
+def test_pool_query_retries_connect_failures_on_a_fresh_connector(make_pool: Any,
+                                                                  template: StandIn) -> None:
+    pool = make_pool(min_size=1, max_size=1, retry=FAST)
+    with pool.lease() as first:
+        first.fail_next = ConnectFailed("closed before the request was sent")
+    response, _ = pool.query([{"AddEntity": {"class": "x"}}])
+    assert response[0]["AddEntity"]["status"] == 0
+    wait_until(lambda: first.closed, what="failed connector closed")
+    s = pool.stats()
+    assert s.retries == 1 and s.give_ups == 0
+    assert sum(len([q for q in c.queries if "AddEntity" in q[0]]) for c in template.clones) == 2
+
+
+def test_pool_query_never_resends_a_write_with_unknown_outcome(make_pool: Any,
+                                                               template: StandIn) -> None:
+    pool = make_pool(min_size=1, max_size=1, retry=FAST)
+    with pool.lease() as first:
+        first.fail_next = OutcomeUnknown("closed after the request was sent")
+    q = [{"AddEntity": {"class": "x"}}]
+    with pytest.raises(OutcomeUnknown) as info:
+        pool.query(q)
+    assert info.value.query == q
+    s = pool.stats()
+    assert s.retries == 0 and s.unknown_outcomes == 1
+    assert sum(len(c.queries) for c in template.clones) == 1
+    # A read, or a write declared idempotent, is retried.
+    with pool.lease() as conn:
+        conn.fail_next = OutcomeUnknown("again")
+    assert pool.query([{"FindEntity": {}}])[0][0]["FindEntity"]["status"] == 0
+    with pool.lease() as conn:
+        conn.fail_next = OutcomeUnknown("again")
+    assert pool.query(q, idempotent=True)[0][0]["AddEntity"]["status"] == 0
+    assert pool.stats().retries == 2
+
+
+def test_pool_run_retries_only_declared_idempotent_callables(make_pool: Any) -> None:
+    from aperturedb_pool.retry import idempotent
+
+    pool = make_pool(min_size=1, max_size=1, retry=FAST)
+    calls: list[int] = []
+
+    def unit(conn: Any, n: int) -> int:
+        calls.append(n)
+        if len(calls) == 1:
+            conn.fail_next = OutcomeUnknown("cut")
+        conn.query([{"AddEntity": {}}])
+        conn.query([{"FindEntity": {}}])
+        return n * 2
+
+    with pytest.raises(OutcomeUnknown):
+        pool.run(unit, 1)
+    assert calls == [1]
+    calls.clear()
+    assert pool.run(idempotent(unit), 21) == 42
+    assert calls == [21, 21]
+
+
+def test_pool_query_when_unreachable_fails_once_at_the_deadline(make_pool: Any) -> None:
+    flaky = Flaky()
+    flaky.down.set()
+    pool = make_pool(flaky, min_size=1, max_size=1, reconnect_initial=0.01,
+                     reconnect_max=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachable) as info:
+        pool.query([{"GetStatus": {}}], retry=RetryPolicy(deadline=0.3, initial_delay=0.01))
+    elapsed = time.monotonic() - t0
+    assert 0.25 <= elapsed < 2.0
+    assert isinstance(info.value, TimeoutError)
+    assert "unreachable" in str(info.value)
+    assert pool.stats().give_ups == 1
+
+
+# ---------------------------------------------------------------------------
+# stats
+# ---------------------------------------------------------------------------
+
+
+def test_stats_is_an_immutable_consistent_snapshot(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=2, name="s")
+    with pool.lease():
+        s = pool.stats()
+    assert isinstance(s, PoolStats)
+    assert (s.name, s.min_size, s.max_size, s.leased) == ("s", 1, 2, 1)
+    with pytest.raises(AttributeError):
+        s.size = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        s.discarded["x"] = 1  # type: ignore[index]
+    d = s.as_dict()
+    assert d["leases_granted"] == 1 and isinstance(d["discarded"], dict)
+    assert "'s'" in str(s) and "leased 1" in str(s)
+    assert pool.stats(reset=True).leases_granted == 1
+    after = pool.stats()
+    assert after.leases_granted == 0 and after.size == 1  # gauges survive a reset
