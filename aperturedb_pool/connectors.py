@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import select
 import socket
 import ssl
@@ -112,13 +113,16 @@ class Phase:
     thread holding the connector's lease (or the maintenance thread while it
     pings an idle connector it has taken out of the pool), so it needs no lock."""
 
-    __slots__ = ("connecting", "sent", "answered", "last_io")
+    __slots__ = ("connecting", "sent", "answered", "last_io", "failed")
 
     def __init__(self) -> None:
         self.connecting = False
         self.sent = False
         self.answered = False
         self.last_io = 0.0  # time.monotonic() of the last complete response
+        # The classified error of the current query, when the SDK's own loop
+        # may catch it (QueryTimeout is a TimeoutError, hence an OSError).
+        self.failed: BaseException | None = None
 
 
 def _describe(conn: Any) -> str:
@@ -201,9 +205,11 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             except socket.timeout as e:
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} timed out") from e
-                raise QueryTimeout(
+                err = QueryTimeout(
                     f"no response from {where} within the query timeout; the query may or may "
-                    f"not have run, check before re-sending a write") from e
+                    f"not have run, check before re-sending a write")
+                phase.failed = err
+                raise err from e
             except (OSError, struct.error, ValueError) as e:
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} failed: {e!r}") from e
@@ -221,6 +227,11 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             return response
 
         def connect(details: Any = None) -> None:
+            if phase.failed is not None:
+                # The SDK's loop caught our QueryTimeout (an OSError) and wants
+                # to reconnect and renew the session inside the failed query:
+                # stop it there and raise the classified error instead.
+                raise phase.failed
             phase.connecting = True
             try:
                 orig_connect_impl()
@@ -242,7 +253,11 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             poller = select.poll()
             poller.register(sock.fileno(), _POLL_BAD)
             slot.poller = poller
-            phase.last_io = _monotonic()
+            # No pre-send probe until the first response is read: a TLS 1.3
+            # server's post-handshake messages (session tickets) make a fresh
+            # socket readable with no application data; that first read
+            # consumes them.
+            phase.last_io = math.inf
 
         conn._send_msg = _send_msg
         conn._recv_msg = _recv_msg
@@ -254,6 +269,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         slot.in_flight = True
         phase.sent = False
         phase.answered = False
+        phase.failed = None
         _quiet.on = True
         try:
             result = orig_query(q, [] if blobs is None else blobs)

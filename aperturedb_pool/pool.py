@@ -89,7 +89,7 @@ class _Slot:
 
     __slots__ = ("conn", "id", "created", "expires", "returned", "generation", "in_flight",
                  "phase", "poller", "owner", "check_owner", "leased_at", "lease_stack",
-                 "leak_reported", "last_ping", "keepalive_due", "tracked", "__weakref__")
+                 "leak_reported", "last_ping", "keepalive_due", "tracked", "jitter", "__weakref__")
 
     def __init__(self, conn: Any, generation: int, now: float, lifetime: float | None,
                  keepalive: float | None) -> None:
@@ -111,8 +111,10 @@ class _Slot:
         self.lease_stack: list[str] | None = None
         self.leak_reported = False
         self.last_ping = now
-        self.keepalive_due = (now + keepalive * (1.0 - 0.1 * random.random())
-                              if keepalive else math.inf)
+        # This connector's keepalive period factor: connectors used together
+        # are not pinged together.
+        self.jitter = 1.0 - 0.1 * random.random()
+        self.keepalive_due = now + keepalive * self.jitter if keepalive else math.inf
 
 
 class _Waiter:
@@ -734,6 +736,8 @@ class ConnectionPool:
                 return
             self._leases.remove(slot)
             self._last_releaser = owner
+            if isinstance(error, OutcomeUnknown):
+                self._c["unknown_outcomes"] += 1
             if drop_reason is not None or self._closed or slot.generation != self._generation:
                 if drop_reason is None:
                     drop_reason = "closed" if self._closed else "retired"
@@ -954,9 +958,7 @@ class ConnectionPool:
             try:
                 result = body(lease.conn)
             except BaseException as e:
-                lease.release(e)
-                if isinstance(e, OutcomeUnknown):
-                    self._count("unknown_outcomes")
+                lease.release(e)  # counts an unknown outcome
                 raise
             lease.release()
             return result
@@ -1106,6 +1108,9 @@ class ConnectionPool:
             if self.keepalive_interval:
                 for slot in keep:
                     next_round = min(next_round, max(0.01, self._ping_due(slot) - now))
+                if pings:
+                    # Pinged now, due again one (jittered) interval from now.
+                    next_round = min(next_round, max(0.01, 0.9 * self.keepalive_interval))
             if self.leak_threshold is not None:
                 next_round = min(next_round, max(0.01, self.leak_threshold / 2))
             leaked = []
@@ -1131,7 +1136,8 @@ class ConnectionPool:
     def _ping_due(self, slot: _Slot) -> float:
         # A connector used recently needs no ping: due one (jittered) interval
         # after its last use or ping, whichever is later.
-        return max(slot.keepalive_due, slot.returned + (self.keepalive_interval or 0.0))
+        return max(slot.keepalive_due, slot.returned + (self.keepalive_interval or 0.0) *
+                   slot.jitter)
 
     def _keepalive(self, slot: _Slot) -> None:
         ok = True

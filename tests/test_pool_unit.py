@@ -274,6 +274,15 @@ def test_open_false_defers_opening(make_pool: Any, template: StandIn) -> None:
     assert pool.stats().idle == 2
 
 
+def test_leasing_from_a_pool_never_opened_is_an_error(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1, open=False)
+    with pytest.raises(PoolError, match="open"):
+        pool.acquire(timeout=JOIN)
+    pool.open()
+    with pool.lease(timeout=JOIN):
+        pass
+
+
 def test_wait_ready_fails_fast_on_an_error_retrying_cannot_fix(make_pool: Any) -> None:
     class Broken(StandIn):
         def clone(self) -> StandIn:
@@ -776,6 +785,27 @@ def test_a_dropped_pool_is_collected_and_its_thread_ends(template: StandIn) -> N
     assert not thread.is_alive()
 
 
+def test_interpreter_exit_never_hangs_on_the_pool(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "from aperturedb_pool import ConnectionPool\n"
+        "class C:\n"
+        "    def clone(self): return C()\n"
+        "    def query(self, q, blobs=None): return [{'GetStatus': {'status': 0}}], []\n"
+        "    def close(self): pass\n"
+        "pool = ConnectionPool(C(), min_size=2, max_size=4, keepalive_interval=0.01)\n"
+        "pool.wait_ready(5)\n"
+        "held = pool.acquire()  # never released, pool never closed\n"
+        "print('ok', flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=JOIN)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 def test_retire_all(make_pool: Any, template: StandIn) -> None:
     pool = make_pool(min_size=3, max_size=3)
     pool.wait_ready(JOIN)
@@ -866,6 +896,21 @@ def test_keepalive_pings_idle_connectors(make_pool: Any, clock: ShiftedClock,
     wait_until(lambda: pool.stats().discarded.get("failed_ping", 0) == 1, what="failed ping")
     wait_until(lambda: template.clones[0].closed, what="close")
     wait_until(lambda: pool.stats().size == 2, what="refill")
+
+
+def test_keepalive_cadence_holds_when_every_idle_connector_is_due_together(
+        make_pool: Any, template: StandIn) -> None:
+    # Connectors opened together are due together; after a round that pings
+    # all of them, the next round must come one interval later, not at the
+    # maintenance loop's default pace (1 s).
+    pool = make_pool(min_size=2, max_size=2, keepalive_interval=0.1, max_idle=None)
+    pool.wait_ready(JOIN)
+
+    def pings(c: StandIn) -> int:
+        return sum(1 for q in list(c.queries) if q == [{"GetStatus": {}}])
+
+    wait_until(lambda: all(pings(c) >= 6 for c in template.clones), timeout=4.0,
+               what="six pings each (at 1 s per round this takes 6 s)")
 
 
 def test_recently_used_connectors_are_not_pinged(make_pool: Any, clock: ShiftedClock) -> None:
