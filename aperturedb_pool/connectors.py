@@ -25,6 +25,7 @@ wrapper.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import math
@@ -108,12 +109,29 @@ def default_template() -> Any:
     return create_connector()
 
 
+# errno values of a send that failed because the peer is gone.
+_NOT_DELIVERED = frozenset(e for e in (getattr(errno, n, None) for n in (
+    "EPIPE", "ECONNRESET", "ECONNABORTED", "ENOTCONN", "EBADF", "ESHUTDOWN")) if e is not None)
+
+
+def _peer_closed(sock: Any) -> bool:
+    # A readable plain socket: peek one byte to tell EOF from unread data.
+    if type(sock) is not socket.socket:
+        return True  # TLS: cannot peek; a closed peer is the usual cause
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class Phase:
     """Where the current query of one connector stands.  Touched only by the
     thread holding the connector's lease (or the maintenance thread while it
     pings an idle connector it has taken out of the pool), so it needs no lock."""
 
-    __slots__ = ("connecting", "sent", "answered", "last_io", "failed")
+    __slots__ = ("connecting", "sent", "answered", "last_io", "failed", "requests", "reached")
 
     def __init__(self) -> None:
         self.connecting = False
@@ -123,6 +141,13 @@ class Phase:
         # The classified error of the current query, when the SDK's own loop
         # may catch it (QueryTimeout is a TimeoutError, hence an OSError).
         self.failed: BaseException | None = None
+        # Complete request frames handed to the kernel over this connector's
+        # life: a unit of several queries compares it before and after, to
+        # know whether any of its requests may have reached the server.
+        self.requests = 0
+        # Queries (as the caller sees them) that may have run on the server:
+        # every query that did not fail with ConnectFailed.
+        self.reached = 0
 
 
 def _describe(conn: Any) -> str:
@@ -140,7 +165,8 @@ def _is_permanent_connect_error(e: BaseException) -> bool:
 
 
 def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] | None,
-               query_timeout: float | None, probe_after: float = 0.5) -> bool:
+               query_timeout: float | None, probe_after: float = 0.5,
+               connect_timeout: float | None = 10.0) -> bool:
     """Install the pool's wrappers on one freshly cloned connector.
 
     ``slot`` is the pool's record of the connector: the wrappers read and write
@@ -157,6 +183,9 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         return False
     phase = slot.phase
     sdk = all(hasattr(conn, a) for a in ("_send_msg", "_recv_msg", "_connect", "config"))
+    if sdk and type(conn).__name__ == "ConnectorRest":
+        raise TypeError("template: a ConnectorRest (the SDK's HTTP client) holds no socket "
+                        "to pool; configure a TCP connector (use_rest=False)")
     where = _describe(conn)
 
     if sdk:
@@ -175,6 +204,11 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
 
         def _send_msg(data: bytes) -> None:
             if phase.connecting:
+                # The hello: bound the handshake (and the TLS handshake that
+                # follows on the same socket) by connect_timeout.
+                sock = conn.conn
+                if connect_timeout is not None and sock is not None:
+                    sock.settimeout(connect_timeout)
                 orig_send(data)
                 return
             poller = slot.poller
@@ -185,19 +219,34 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             if poller is not None and _monotonic() - phase.last_io > probe_after:
                 sock = conn.conn
                 pending = getattr(sock, "pending", None)
-                if poller.poll(0) or (pending is not None and pending()):
-                    raise ConnectFailed(
+                events = poller.poll(0)
+                if events or (pending is not None and pending()):
+                    err = ConnectFailed(
                         f"connection to {where} was closed or desynchronised before the request "
                         f"was sent; the request was not sent")
+                    err.peer_closed = bool(events and events[0][1] & select.POLLHUP) or (
+                        _peer_closed(sock))
+                    raise err
             try:
                 orig_send(data)
-            except Exception as e:
-                # sendall failed: the server never got a complete frame, so it
-                # cannot have executed it.
-                raise ConnectFailed(f"sending to {where} failed ({e!r}); the request was not "
-                                    f"delivered") from e
+            except OSError as e:
+                if e.errno in _NOT_DELIVERED:
+                    # The peer is gone: sendall could not complete the frame,
+                    # and the server executes only complete frames.
+                    err = ConnectFailed(f"sending to {where} failed ({e!r}); the request was "
+                                        f"not delivered")
+                    err.peer_closed = True
+                    raise err from e
+                # Anything else (a send timeout, say): whether the frame was
+                # complete is not known.
+                raise OutcomeUnknown(f"sending to {where} failed ({e!r}); the request may "
+                                     f"have reached the server") from e
+            # Any other exception (an asynchronous timeout or signal handler
+            # raising after the frame was written) propagates unchanged: the
+            # connector stays in flight (discarded) and no policy retries it.
             phase.sent = True
             phase.answered = False
+            phase.requests += 1
 
         def _recv_msg() -> Any:
             try:
@@ -210,18 +259,28 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                     f"not have run, check before re-sending a write")
                 phase.failed = err
                 raise err from e
-            except (OSError, struct.error, ValueError) as e:
+            except (OSError, struct.error, ValueError, AttributeError) as e:
+                # AttributeError: the socket was closed under the query
+                # (conn.conn is None).
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} failed: {e!r}") from e
-                raise OutcomeUnknown(
+                unknown = OutcomeUnknown(
                     f"connection to {where} failed after the request was sent ({e!r}); the "
-                    f"query may or may not have run") from e
+                    f"query may or may not have run")
+                unknown.peer_closed = isinstance(e, (ConnectionResetError, BrokenPipeError))
+                phase.failed = unknown
+                raise unknown from e
             if response is None:
                 if phase.connecting:
                     raise ConnectFailed(f"{where} closed the connection during the handshake")
-                raise OutcomeUnknown(
+                eof = OutcomeUnknown(
                     f"{where} closed the connection before answering; the query may or may "
                     f"not have run")
+                eof.peer_closed = True
+                phase.failed = eof
+                raise eof
+            if phase.connecting:
+                return response  # the hello reply is no answer to a query
             phase.answered = True
             phase.last_io = _monotonic()
             return response
@@ -248,8 +307,9 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                     apply_tcp_keepalive(sock, *tcp_keepalive)
                 except OSError:  # pragma: no cover - platform without the options
                     pass
-            if query_timeout is not None:
-                sock.settimeout(query_timeout)
+            if sock is None:
+                return
+            sock.settimeout(query_timeout)  # replaces the handshake's connect_timeout
             poller = select.poll()
             poller.register(sock.fileno(), _POLL_BAD)
             slot.poller = poller
@@ -276,15 +336,29 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         except ConnectorError as e:
             if e.query is None:
                 e.query = q
+            if not isinstance(e, ConnectFailed):
+                phase.reached += 1
             raise
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OutcomeUnknown(f"malformed response from {where} ({e!r}); the query may or "
-                                 f"may not have run", query=q) from e
-        except Exception as e:
-            if type(e).__name__ == "DecodeError" or (sdk and not phase.answered):
+            phase.reached += 1
+            # Name the error only: its repr would quote response bytes.
+            raise OutcomeUnknown(f"malformed response from {where} ({type(e).__name__}); the "
+                                 f"query may or may not have run", query=q) from e
+        except BaseException as e:
+            phase.reached += 1
+            if not isinstance(e, Exception):
+                raise  # KeyboardInterrupt and friends: in flight, discarded
+            if type(e).__name__ == "DecodeError":
                 raise OutcomeUnknown(
-                    f"query to {where} failed ({e!r}) with no valid response; the query may or "
-                    f"may not have run", query=q) from e
+                    f"malformed response from {where} (not a protobuf message); the query "
+                    f"may or may not have run", query=q) from e
+            if sdk and not phase.answered:
+                # Not a transport failure the wrappers classified: an
+                # exception of the caller's world (a signal handler, a soft
+                # time limit) raised mid-query.  It propagates unchanged, and
+                # no policy retries it; the connector stays in flight and is
+                # discarded.
+                raise
             # A complete response was read and the SDK raised on its content
             # (failed authentication, refused refresh): the stream is intact.
             # A stand-in gives no such evidence: its connector stays in flight
@@ -295,6 +369,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         finally:
             _quiet.on = False
         slot.in_flight = False
+        phase.reached += 1
         return result
 
     conn.query = query

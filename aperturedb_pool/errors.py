@@ -45,6 +45,9 @@ class ConnectorError(PoolError):
     #: True when retrying cannot help (bad credentials, certificate, protocol):
     #: no retry policy retries such an error.
     permanent = False
+    #: True when the failure shows the server closed the connection (EOF,
+    #: reset): the pool then retires every connector opened before it.
+    peer_closed = False
 
     def __init__(self, message: str, *, query: Any = None,
                  attempts: Sequence[BaseException] = (), permanent: bool | None = None) -> None:

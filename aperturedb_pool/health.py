@@ -16,6 +16,10 @@ import select
 import socket
 from typing import Any
 
+#: probe reasons that mean the server closed the connection
+PEER_CLOSED = "peer closed the connection"
+TLS_READABLE = "socket readable while idle (TLS: peer closed or unread bytes)"
+
 _POLL_BAD = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
@@ -55,7 +59,7 @@ def probe_socket(sock: Any) -> str | None:
     if ev & (select.POLLERR | select.POLLNVAL):
         return "socket error"
     if ev & select.POLLHUP:
-        return "peer closed the connection"
+        return PEER_CLOSED
     # Readable: EOF or unread bytes.  Peek to say which (plain sockets only;
     # TLS sockets refuse flags, and either way the connector is unusable).
     if type(sock) is socket.socket:
@@ -65,8 +69,8 @@ def probe_socket(sock: Any) -> str | None:
             return None
         except OSError as e:
             return f"socket error: {e}"
-        return "unread bytes on the socket" if data else "peer closed the connection"
-    return "socket readable while idle (peer closed or unread bytes)"
+        return "unread bytes on the socket" if data else PEER_CLOSED
+    return TLS_READABLE
 
 
 def apply_tcp_keepalive(sock: Any, idle: float, interval: float, count: int) -> None:

@@ -45,7 +45,9 @@ import itertools
 import logging
 import math
 import os
+import queue
 import random
+import socket
 import threading
 import time
 import traceback
@@ -67,7 +69,7 @@ from aperturedb_pool.errors import (
     ServerUnreachable,
     TooManyWaiters,
 )
-from aperturedb_pool.health import probe_socket, socket_of
+from aperturedb_pool.health import PEER_CLOSED, TLS_READABLE, probe_socket, socket_of
 from aperturedb_pool.stats import PoolStats
 
 logger = logging.getLogger("aperturedb_pool")
@@ -76,6 +78,7 @@ T = TypeVar("T")
 
 _monotonic = time.monotonic
 _MIN_HANDOFF_AFTER = 0.001
+_MAX_PARALLEL_OPENS = 2
 _FAIR_WAITS = 4.0  # hand off once the oldest waiter waited this many fair shares
 _get_ident = threading.get_ident
 _ids = itertools.count(1)
@@ -233,14 +236,19 @@ class _ManualLease(Lease):
     __slots__ = ()
 
     def __del__(self) -> None:
-        if self._slot is not None and not self._released:
+        slot = self._slot
+        if slot is not None and not self._released:
+            self._released = True
             try:
                 warnings.warn(f"a lease of pool {self._pool.name!r} was garbage-collected without "
                               f"release(); its connector is closed (call release() or use "
                               f"'with pool.lease()')", ResourceWarning, stacklevel=2)
                 # The holder may still have the connector: never reuse it.
-                self._slot.in_flight = True
-                self._pool._release(self, None, reason="reclaimed")
+                # No lock may be taken here (the garbage collector can run
+                # this while the same thread holds the pool's lock): hand the
+                # slot to the background thread through a reentrant-safe queue.
+                slot.in_flight = True
+                self._pool._reclaimed.put(slot)
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
 
@@ -296,6 +304,9 @@ class ConnectionPool:
     query_timeout (None)
         Socket timeout for every query of a pooled connector; a query that times
         out raises ``QueryTimeout`` and its connector is discarded.
+    connect_timeout (10.0)
+        Bound of the hello and TLS handshake of a new connector and of the
+        background pings (the TCP connect itself runs in an opener thread).
     probe_after (0.5)
         A connector idle for longer is probed (a zero-timeout poll) at checkout.
     fairness_threshold (0.01)
@@ -327,7 +338,8 @@ class ConnectionPool:
                  max_lifetime: float | None = 3600.0, max_idle: float | None = 600.0,
                  keepalive_interval: float | None = 60.0,
                  tcp_keepalive: tuple[float, float, int] | None = (30.0, 10.0, 3),
-                 query_timeout: float | None = None, probe_after: float = 0.5,
+                 query_timeout: float | None = None, connect_timeout: float = 10.0,
+                 probe_after: float = 0.5,
                  fairness_threshold: float = 0.01, leak_threshold: float | None = None,
                  check_ownership: bool = False, retry: Any = None, name: str | None = None,
                  open: bool = True, reconnect_initial: float = 0.05,
@@ -351,6 +363,8 @@ class ConnectionPool:
         self.keepalive_interval = _check_duration("keepalive_interval", keepalive_interval,
                                                   allow_zero=False)
         self.query_timeout = _check_duration("query_timeout", query_timeout, allow_zero=False)
+        self.connect_timeout = _required_duration("connect_timeout", connect_timeout,
+                                                  allow_zero=False)
         self.probe_after = _required_duration("probe_after", probe_after)
         self.fairness_threshold = _required_duration("fairness_threshold", fairness_threshold)
         self._handoff_after = self.fairness_threshold  # adapted under the lock
@@ -425,6 +439,10 @@ class ConnectionPool:
         self._opening = 0
         self._open_requests = 0
         self._to_close: list[tuple[Any, str]] = []
+        self._opens_running = 0
+        # Slots of leases garbage-collected without release: filled from
+        # __del__ (SimpleQueue.put is safe there), drained by the background.
+        self._reclaimed: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._pings: list[_Slot] = []
         self._closed = False
         self._opened = False
@@ -470,6 +488,8 @@ class ConnectionPool:
         chained to the last open error.
         """
         timeout = self.timeout if timeout is None else timeout
+        if self._bg_thread is None and self._opened:
+            self._ensure_bg()  # first use in a forked child
         deadline = _monotonic() + timeout
         with self._lock:
             while True:
@@ -567,7 +587,7 @@ class ConnectionPool:
         if reason is not None:
             logger.info("pool %r: connector %d failed its checkout probe: %s",
                         self.name, slot.id, reason)
-            if "closed" in reason:
+            if reason in (PEER_CLOSED, TLS_READABLE):
                 # The server went away: retire every connector opened before now.
                 self._retire_generation(slot.generation, "the server closed a connection")
             slot.in_flight = True
@@ -586,6 +606,7 @@ class ConnectionPool:
     def _wait_for_slot(self, lease: Lease, start: float) -> _Slot:
         timeout = (self.timeout if lease._timeout is None else
                    _required_duration("timeout", lease._timeout))
+        self._drain_reclaimed()
         deadline = start + timeout
         waiter = _Waiter(start)
         slot: _Slot | None
@@ -771,11 +792,8 @@ class ConnectionPool:
             self._bg_wakeup.set()
         if closed_now:
             self._close_pending()
-        if isinstance(error, (ConnectFailed, OutcomeUnknown)):
-            cause = error.__cause__
-            if isinstance(cause, (ConnectionResetError, ConnectionRefusedError,
-                                  BrokenPipeError)) or "closed" in str(error):
-                self._retire_generation(slot.generation, f"a connector failed: {error}")
+        if getattr(error, "peer_closed", False):
+            self._retire_generation(slot.generation, f"a connector failed: {error}")
 
     def _drop(self, slot: _Slot, reason: str) -> None:
         # Under the lock: forget slot and have the background thread close it.
@@ -834,6 +852,8 @@ class ConnectionPool:
             self._waiters.clear()
             while self._idle:
                 self._drop(self._idle.pop(), "closed")
+            self._open_requests = 0
+            self._opening = 0
             self._ready.notify_all()
         for w in waiters:
             w.lock.release()  # slot None: the waiter raises PoolClosed
@@ -845,8 +865,19 @@ class ConnectionPool:
                         break
                 time.sleep(0.01)
             with self._lock:
-                for slot in list(self._leases):
-                    self._to_close.append((slot.conn, "closed"))
+                held = [slot.conn for slot in self._leases]
+            for conn in held:
+                # A socket is shut down, not closed: the holder's pending read
+                # ends with EOF (OutcomeUnknown) and the connector is closed
+                # when it comes back.  Objects without a socket are closed.
+                sock = socket_of(conn)
+                try:
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    else:
+                        conn.close()
+                except (OSError, AttributeError):
+                    pass
         self._bg_wakeup.set()
         t = self._bg_thread
         if t is not None and t is not threading.current_thread() and t.is_alive():
@@ -869,6 +900,7 @@ class ConnectionPool:
     # -- stats ---------------------------------------------------------------
     def stats(self, reset: bool = False) -> PoolStats:
         """An immutable snapshot; with ``reset=True`` the counters restart at zero."""
+        self._drain_reclaimed()
         with self._lock:
             c = dict(self._c)
             c["leases_granted"] = self._granted
@@ -955,10 +987,22 @@ class ConnectionPool:
                         f"{_monotonic() - down:.1f} s (last error: {err!r}); gave up at the "
                         f"deadline. Check that the server is up and reachable") from e
                 raise
+            slot = lease._slot
+            reached = slot.phase.reached if slot is not None else 0
             try:
                 result = body(lease.conn)
             except BaseException as e:
                 lease.release(e)  # counts an unknown outcome
+                if (isinstance(e, ConnectFailed) and not idempotent and slot is not None and
+                        slot.phase.reached > reached):
+                    # This query was not sent, but an earlier one of the same
+                    # unit may have run: the unit as a whole must not be re-run.
+                    unknown = OutcomeUnknown(
+                        f"{describe}: the connection failed after an earlier query of this "
+                        f"unit reached the server ({e}); the unit may have partly run, and is "
+                        f"not re-run because it is not declared idempotent", query=e.query)
+                    self._count("unknown_outcomes")
+                    raise unknown from e
                 raise
             lease.release()
             return result
@@ -1008,7 +1052,8 @@ class ConnectionPool:
             slot.check_owner = _connectors.OwnershipCheck(slot)
         slot.tracked = _connectors.instrument(conn, slot, tcp_keepalive=self.tcp_keepalive,
                                               query_timeout=self.query_timeout,
-                                              probe_after=self.probe_after)
+                                              probe_after=self.probe_after,
+                                              connect_timeout=self.connect_timeout)
         try:
             if hasattr(conn, "_connect"):
                 conn.connect()
@@ -1022,13 +1067,51 @@ class ConnectionPool:
             raise
         return conn, slot
 
-    @staticmethod
-    def _ping(conn: Any) -> None:
-        response, _ = conn.query([{"GetStatus": {}}])
+    def _ping(self, conn: Any) -> None:
+        # Bounded, so that a server that stopped answering cannot hold the
+        # background thread (or an opener) forever.
+        sock = socket_of(conn)
+        bounded = sock is not None and hasattr(sock, "settimeout")
+        if bounded:
+            sock.settimeout(self.connect_timeout)
+        try:
+            response, _ = conn.query([{"GetStatus": {}}])
+        finally:
+            if bounded and socket_of(conn) is sock:
+                try:
+                    sock.settimeout(self.query_timeout)
+                except OSError:
+                    pass
         if not (isinstance(response, list) and response and
                 isinstance(response[0], dict) and
                 response[0].get("GetStatus", {}).get("status") == 0):
             raise ConnectorError(f"unexpected GetStatus response: {str(response)[:200]}")
+
+    def _drain_reclaimed(self) -> None:
+        # Leases dropped without release (see _ManualLease.__del__).  Called
+        # from ordinary code paths (never a finalizer), so taking the lock is safe.
+        while not self._reclaimed.empty():
+            try:
+                slot = self._reclaimed.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                if slot in self._leases:
+                    self._leases.remove(slot)
+                    self._drop(slot, "reclaimed")
+                    self._maybe_grow()
+            self._bg_wakeup.set()
+
+    def _open_worker(self) -> None:
+        ok = False
+        try:
+            ok = self._open_one()
+        finally:
+            with self._lock:
+                self._opens_running -= 1
+                if not ok and not self._closed:
+                    self._open_requests += 1
+            self._bg_wakeup.set()
 
     def _open_one(self) -> bool:
         """Open one requested connector (background thread).  True on success."""
@@ -1050,7 +1133,7 @@ class ConnectionPool:
                            "in %.3f s", self.name, self._open_failures, e, delay)
             return False
         with self._lock:
-            self._opening -= 1
+            self._opening = max(0, self._opening - 1)
             self._open_failures = 0
             self._unreachable_since = None
             self._last_open_error = None
@@ -1069,19 +1152,22 @@ class ConnectionPool:
     def _maintain(self, now: float) -> float:
         """One round of background work; returns seconds until the next round."""
         next_round = 1.0
-        # Opens requested by waiters, shrinking and min_size.
+        self._drain_reclaimed()
+        # Opens requested by waiters, shrinking and min_size: each in an
+        # opener thread, so that a slow or hanging connect never stalls the
+        # maintenance of the connectors already open.
         while True:
             with self._lock:
-                if self._closed or self._open_requests <= 0:
+                if (self._closed or self._open_requests <= 0 or
+                        self._opens_running >= _MAX_PARALLEL_OPENS):
                     break
                 if now < self._next_open_at:
                     next_round = min(next_round, self._next_open_at - now)
                     break
                 self._open_requests -= 1
-            if not self._open_one():
-                with self._lock:
-                    self._open_requests += 1
-            now = _monotonic()
+                self._opens_running += 1
+            threading.Thread(target=self._open_worker, daemon=True,
+                             name=f"aperturedb-pool-{self.name}-open").start()
         self._close_pending()
         with self._lock:
             if self._closed:
@@ -1143,8 +1229,9 @@ class ConnectionPool:
         ok = True
         reason = ""
         try:
-            if slot.poller is not None and probe_socket(socket_of(slot.conn)) is not None:
-                ok, reason = False, "probe"
+            probe = probe_socket(socket_of(slot.conn)) if slot.poller is not None else None
+            if probe is not None:
+                ok, reason = False, probe
             else:
                 slot.owner = _get_ident()
                 try:
@@ -1159,7 +1246,8 @@ class ConnectionPool:
             if not ok or self._closed or slot.generation != self._generation:
                 self._drop(slot, "failed_ping" if not ok else "retired")
             else:
-                slot.returned = now
+                # ``returned`` stays the time of the last use: max_idle counts
+                # from it, pings do not make a connector "used".
                 slot.last_ping = now
                 slot.keepalive_due = now + (self.keepalive_interval or 0) * (
                     1.0 - 0.1 * random.random())
@@ -1170,7 +1258,7 @@ class ConnectionPool:
         if not ok:
             logger.info("pool %r: connector %d failed its keepalive (%s)", self.name, slot.id,
                         reason)
-            if "closed" in reason or reason == "probe":
+            if reason in (PEER_CLOSED, TLS_READABLE):
                 self._retire_generation(slot.generation, "keepalive found a closed connection")
 
     # -- fork ----------------------------------------------------------------
@@ -1231,7 +1319,11 @@ def _forget_without_closing(conns: Iterator[Any]) -> None:
         sock = socket_of(conn)
         if sock is not None:
             try:
-                sock.detach()
+                # Closing the child's copy of the descriptor sends nothing to
+                # the server (the parent still holds the socket); keeping it
+                # would hold the server connection open after the parent
+                # closed it.
+                os.close(sock.detach())
             except Exception:
                 _graveyard.append(conn)  # keep it alive forever rather than risk a close
                 continue

@@ -188,6 +188,13 @@ def make_pool(template: StandIn) -> Any:
         kw.setdefault("timeout", 5.0)
         p = ConnectionPool(template if tmpl is None else tmpl, **kw)
         pools.append(p)
+        if tmpl is None and kw.get("open", True):
+            # Start from a ready pool (min_size opens run in the background);
+            # tests about failing opens assert on their own.
+            try:
+                p.wait_ready(2.0)
+            except Exception:  # noqa: S110
+                pass
         return p
 
     yield make
