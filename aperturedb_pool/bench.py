@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("workload")
     w.add_argument("--threads", type=_positive_int("threads"), default=16,
                    help="worker threads (default 16)")
-    w.add_argument("--pool-size", type=_positive_int("pool-size"), default=8,
+    w.add_argument("--pool-size", type=_positive_int("pool-size"), default=None,
                    help="connectors in the pool (default 8)")
     w.add_argument("--sizes", type=_sizes, metavar="N,N,...",
                    help="sweep these pool sizes (one run each) instead of --pool-size")
@@ -329,6 +329,11 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if ext not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
             p.error(f"argument --plot: expected a .png (or .svg/.pdf/.jpg) file name, "
                     f"got {a.plot!r}")
+    if a.sizes is not None and a.pool_size is not None:
+        p.error("argument --sizes: not allowed with argument --pool-size (give the sizes to "
+                "sweep, or one pool size)")
+    if a.pool_size is None:
+        a.pool_size = 8
     if a.duration is None and a.count is None:
         a.duration = 10.0
 
@@ -555,14 +560,22 @@ def _op_write(run: _Run, ws: _WorkerStats, rng: random.Random) -> None:
     ws.lease_wait.add(got[0] - t0)
     ws.latency.add(t1 - t0)
     if isinstance(response, list) and len(response) == 2 * n and all(
-            isinstance(r, dict) and next(iter(r.values()), {}).get("status") == 0
-            for r in response):
+            _status(r) == 0 for r in response):
         ws.writes += 1
         ws.items += n
     elif isinstance(response, dict):
         ws.error("failed transaction", str(response.get("info", response))[:300])
     else:
         ws.error("unexpected response", str(response)[:300])
+
+
+def _status(command_response: Any) -> Any:
+    """The status of one command's response, ``{"AddEntity": {"status": 0}}`` -> 0."""
+    if isinstance(command_response, dict) and len(command_response) == 1:
+        body = next(iter(command_response.values()))
+        if isinstance(body, dict):
+            return body.get("status")
+    return None
 
 
 def _worker(run: _Run, ws: _WorkerStats, seed: int, redact: _Redactor) -> None:
@@ -652,7 +665,7 @@ class _Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=label, unit=unit, file=stream, leave=True,
                             dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}"
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f}"
                                        " {unit} [{elapsed}<{remaining}{postfix}]")
 
     def update(self, done: float, ops: int, failed: int) -> None:
@@ -694,11 +707,8 @@ def _run_once(target: Target, a: argparse.Namespace, size: int, key_run: str,
         try:
             pool.wait_ready(timeout=min(60.0, a.lease_timeout))
         except Exception as e:
-            hint = ""
-            if "did not accept protocol" in str(e) or "protocol" in str(e).lower():
-                hint = " (does the server require TLS? try --tls)"
             raise _SetupError(f"cannot open {size} connector(s) to {target.address}: "
-                              f"{redact(str(e))}{hint}") from e
+                              f"{redact(str(e))}{_tls_hint(target, e)}") from e
         run = _Run(pool, a, run_id, key_run, stop)
         seed = a.seed if a.seed is not None else random.randrange(2 ** 32)
         workers = [_WorkerStats() for _ in range(a.threads)]
@@ -747,10 +757,10 @@ def _run_once(target: Target, a: argparse.Namespace, size: int, key_run: str,
         for w in workers:
             lease_wait.merge(w.lease_wait)
             latency.merge(w.latency)
-            for k, v in w.errors.items():
-                errors[k] = errors.get(k, 0) + v
-            for k, v in w.error_samples.items():
-                samples.setdefault(k, v)
+            for kind, n in w.errors.items():
+                errors[kind] = errors.get(kind, 0) + n
+            for kind, text in w.error_samples.items():
+                samples.setdefault(kind, text)
         items = sum(w.items for w in workers)
         unknown = sum(w.unknown for w in workers)
         stored = _count_items(pool, run_id)
@@ -846,9 +856,9 @@ def _print_sweep(results: Sequence[RunResult], out: TextIO) -> None:
                      _ms(lw["p50"]), _ms(lw["p99"]), _ms(lw["max"]),
                      _ms(r.latency.summary_ms()["p99"]), str(r.failed)))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(hdr)]
-    print("  " + "  ".join(h.rjust(w) for h, w in zip(hdr, widths)), file=out)
+    print("  " + "  ".join(h.rjust(w) for h, w in zip(hdr, widths, strict=True)), file=out)
     for row in rows:
-        print("  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)), file=out)
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)), file=out)
     if any(r.interrupted for r in results):
         print("  * interrupted: partial figures", file=out)
 
@@ -956,6 +966,7 @@ def main(argv: Sequence[str]) -> int:
                 f"{','.join(map(str, sizes))}, {per} per run, read ratio {a.read_ratio:g}, "
                 f"write batches of {a.batch_size} entities with {a.blob_size}-byte blobs")
             key_run = uuid.uuid4().hex[:12]
+            seeded = False
             try:
                 for i, size in enumerate(sizes):
                     if stop.is_set():
@@ -966,6 +977,7 @@ def main(argv: Sequence[str]) -> int:
                         target.server.clear_store()
                     if i == 0 or target.server is not None:
                         _seed_with_pool(target, key_run, redact)
+                        seeded = True  # one transaction: all keys or none
                     label = f"pool {size}" if len(sizes) > 1 else "bench"
                     r = _run_once(target, a, size, key_run, stop, redact, info, label)
                     results.append(r)
@@ -976,8 +988,13 @@ def main(argv: Sequence[str]) -> int:
                 setup_error = str(e)
             except KeyboardInterrupt:
                 interrupted = True
-            if target.kind != "embedded" and not a.keep_data and results:
-                cleanup_error = _cleanup(target, [r.run_id for r in results], key_run)
+            if target.kind != "embedded" and not a.keep_data and seeded:
+                try:
+                    cleanup_error = _cleanup(target, [r.run_id for r in results], key_run)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    cleanup_error = ("interrupted: entities with the property "
+                                     f"{RUN_PROP!r} may remain")
     finally:
         pool_logger.removeHandler(tap)
         if target is not None and target.server is not None:
@@ -1058,23 +1075,30 @@ def _seed_with_pool(target: Target, key_run: str, redact: _Redactor) -> None:
 
     with ConnectionPool(target.template, min_size=1, max_size=1, name="bench-setup") as pool:
         try:
-            pool.wait_ready(timeout=30.0)
+            pool.wait_ready(timeout=10.0)
             _seed_keys(pool, key_run)
         except _SetupError:
             raise
         except Exception as e:
-            hint = ""
-            if "protocol" in str(e).lower():
-                hint = " (does the server require TLS? try --tls)"
-            raise _SetupError(f"cannot use {target.address}: {redact(str(e))}{hint}") from e
+            raise _SetupError(f"cannot use {target.address}: {redact(str(e))}"
+                              f"{_tls_hint(target, e)}") from e
+
+
+def _tls_hint(target: Target, e: BaseException) -> str:
+    if "protocol" not in str(e).lower():
+        return ""
+    if target.tls:
+        return " (the server may not use TLS: try without --tls)"
+    return " (does the server require TLS? try --tls)"
 
 
 def _cleanup(target: Target, run_ids: Sequence[str], key_run: str) -> str | None:
-    from aperturedb_pool import ConnectionPool
+    from aperturedb_pool import ConnectionPool, RetryPolicy
 
     try:
-        with ConnectionPool(target.template, min_size=1, max_size=1,
-                            name="bench-cleanup") as pool:
+        with ConnectionPool(target.template, min_size=1, max_size=1, timeout=15.0,
+                            retry=RetryPolicy(deadline=15.0), name="bench-cleanup") as pool:
+            pool.wait_ready(timeout=10.0)
             return _delete_run_data(pool, run_ids, key_run)
     except Exception as e:
         return f"{type(e).__name__}: {e}"

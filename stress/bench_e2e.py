@@ -1,0 +1,240 @@
+"""End-to-end benchmark: the real SDK Connector against the embedded server in its own process.
+
+    python stress/bench_e2e.py [--duration 1.5] [--rounds 10] [--quick] [--json]
+
+``GetStatus`` queries for a fixed duration, in these configurations:
+
+=========  ========================================================================
+dedicated  (a) 8 threads, each with its own ``template.clone()`` (the baseline)
+ours-8     (b) 8 threads leasing from our pool of 8 for every query
+           (``with pool.lease() as conn: conn.query(q)``)
+ours-32    (c) 32 threads sharing our pool of 8, leasing for every query
+sdk-8      (d) the SDK's ``aperturedb.ConnectionPool.ConnectionPool(pool_size=8,
+           connection_factory=template.clone)``, 8 threads (``get_connection()``)
+sdk-32     (d) the same SDK pool, 32 threads
+ours-q-8   (info) 8 threads calling ``pool.query(q)`` (lease + retry policy)
+ded-32     (info) 32 threads, each with its own clone (32 connections): what 32
+           client threads cost without any pool (the GIL, the server's 32 sockets)
+=========  ========================================================================
+
+Machine drift is large here (2 cores shared by client, server and whatever
+else runs), so every measurement of a configuration is paired with a
+measurement of ``dedicated`` taken right before or right after it (alternating
+by round), and its ratio is computed within the pair; the report gives, per
+configuration, the median queries/s and the median of the paired ratios over
+the rounds (with every ratio, to show the spread).  Targets (pool issue):
+ours-8 >= 0.97 and ours-32 >= 0.97 of dedicated.  Also per-thread fairness for
+the 32-thread runs: Jain's index of the per-thread query counts and the
+threads that got less than a tenth of the mean ("starved").
+
+This is a benchmark, not a test: the exit status does not depend on targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("ADB_LOG_FILE", "")
+
+from _benchkit import jain_index, machine_facts  # noqa: E402
+
+Q = [{"GetStatus": {}}]
+CONFIGS = ("dedicated", "ours-8", "ours-32", "sdk-8", "sdk-32", "ours-q-8", "ded-32")
+TARGETS = {"ours-8": 0.97, "ours-32": 0.97}
+
+
+def measure(threads: int, make_body: Callable[[int], Callable[[], Any]],
+            duration: float) -> dict[str, Any]:
+    stop = threading.Event()
+    barrier = threading.Barrier(threads + 1)
+    counts = [0] * threads
+    errors: list[str] = []
+
+    def run(i: int) -> None:
+        body = make_body(i)
+        barrier.wait()
+        n = 0
+        is_set = stop.is_set
+        try:
+            while True:
+                body()
+                if is_set():
+                    break
+                n += 1
+        except Exception as e:  # reported; a benchmark with errors is not a figure
+            errors.append(f"{type(e).__name__}: {e}")
+        counts[i] = n
+
+    ts = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    time.sleep(duration)
+    stop.set()
+    t1 = time.perf_counter()
+    for t in ts:
+        t.join(30)
+    total = sum(counts)
+    mean = total / threads if threads else 0
+    return {"qps": total / (t1 - t0), "queries": total, "threads": threads,
+            "jain": jain_index(counts), "starved": sum(1 for c in counts if c < 0.1 * mean),
+            "min": min(counts), "max": max(counts), "errors": errors[:3]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="stress/bench_e2e.py", description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds per measurement (1.5; quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (10; quick 4)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", default=None, help="comma-separated configurations "
+                                                "(dedicated is always run)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    duration = a.duration or (1.0 if a.quick else 1.5)
+    rounds = a.rounds or (4 if a.quick else 10)
+    configs = list(CONFIGS)
+    if a.only:
+        configs = ["dedicated"] + [c for c in a.only.split(",") if c != "dedicated"]
+        bad = [c for c in configs if c not in CONFIGS]
+        if bad:
+            p.error(f"unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}")
+
+    from aperturedb.ConnectionPool import ConnectionPool as SDKPool
+
+    from aperturedb_pool import ConnectionPool
+    from aperturedb_pool.testing import ServerProcess
+
+    with ServerProcess("127.0.0.1", 0) as srv:
+        template = srv.connector()
+        dedicated = [template.clone() for _ in range(32)]
+        for c in dedicated:
+            c.query(Q)
+        ours = ConnectionPool(template, min_size=8, max_size=8, name="e2e")
+        ours.wait_ready(30)
+        sdk = SDKPool(pool_size=8, connection_factory=template.clone)
+        # Connect all 8 SDK connectors up front, as ours are (wait_ready).
+        warm = [sdk._pool.get() for _ in range(8)]
+        for c in warm:
+            c.query(Q)
+        for c in warm:
+            sdk._pool.put(c)
+
+        def ours_lease(i: int) -> Callable[[], Any]:
+            lease = ours.lease
+
+            def body() -> Any:
+                with lease() as conn:
+                    return conn.query(Q)
+            return body
+
+        def ours_query(i: int) -> Callable[[], Any]:
+            return lambda: ours.query(Q)
+
+        def sdk_lease(i: int) -> Callable[[], Any]:
+            get = sdk.get_connection
+
+            def body() -> Any:
+                with get() as conn:
+                    return conn.query(Q)
+            return body
+
+        def dedicated_body(i: int) -> Callable[[], Any]:
+            conn = dedicated[i]
+            return lambda: conn.query(Q)
+
+        plan: dict[str, tuple[int, Callable[[int], Callable[[], Any]]]] = {
+            "dedicated": (8, dedicated_body), "ours-8": (8, ours_lease),
+            "ours-32": (32, ours_lease), "sdk-8": (8, sdk_lease), "sdk-32": (32, sdk_lease),
+            "ours-q-8": (8, ours_query), "ded-32": (32, dedicated_body),
+        }
+        # Warm-up, not recorded.
+        for name in configs:
+            measure(plan[name][0], plan[name][1], 0.5)
+        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+        others = [c for c in configs if c != "dedicated"]
+        for r in range(rounds):
+            order = others[r % len(others):] + others[:r % len(others)]
+            for name in order:
+                threads, make = plan[name]
+                pair = [("dedicated", plan["dedicated"]), (name, plan[name])]
+                if r % 2:
+                    pair.reverse()
+                got = {n: measure(th, mk, duration) for n, (th, mk) in pair}
+                res = got[name]
+                res["paired_ratio"] = (res["qps"] / got["dedicated"]["qps"]
+                                       if got["dedicated"]["qps"] else float("nan"))
+                runs[name].append(res)
+                runs["dedicated"].append(got["dedicated"])
+            print(f"round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {runs[n][-1]['paired_ratio']:.3f}" for n in others),
+                file=sys.stderr, flush=True)
+        counters = srv.counters()
+        ours_stats = ours.stats()
+        ours.close()
+        sdk.close()
+        for c in dedicated:
+            c.close()
+
+    report: dict[str, Any] = {"machine": machine_facts(), "duration_s": duration,
+                              "rounds": rounds, "configs": {},
+                              "sharing_violations": counters["sharing_violations"],
+                              "ours_pool_discarded": dict(ours_stats.discarded)}
+    for name in configs:
+        rs = runs[name]
+        ratios = [1.0] * len(rs) if name == "dedicated" else [x["paired_ratio"] for x in rs]
+        report["configs"][name] = {
+            "threads": rs[0]["threads"],
+            "qps_median": statistics.median(x["qps"] for x in rs),
+            "qps_runs": [round(x["qps"]) for x in rs],
+            "ratio_vs_dedicated_median": statistics.median(ratios) if ratios else None,
+            "ratio_runs": [round(x, 3) for x in ratios] if name != "dedicated" else [],
+            "jain_median": statistics.median(x["jain"] for x in rs),
+            "starved_max": max(x["starved"] for x in rs),
+            "errors": [e for x in rs for e in x["errors"]][:3],
+        }
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    m = report["machine"]
+    print(f"end to end, GetStatus, real aperturedb.Connector {_sdk_version()} -> embedded "
+          f"server (separate process); {rounds} rounds, each configuration paired with "
+          f"dedicated, {duration:g} s per measurement")
+    print(f"machine: {m['nproc']} cores, {m['cpu']}, Python {m['python']}, "
+          f"load {m['loadavg_1m']}, {m['date']}, git {m['git']}")
+    hdr = f"{'config':<10} {'threads':>7} {'q/s (median)':>12} {'vs (a) median':>13} " \
+          f"{'jain':>6} {'starved':>7}  {'target':<16} paired ratios by round"
+    print(hdr)
+    for name, c in report["configs"].items():
+        ratio = c["ratio_vs_dedicated_median"]
+        target = TARGETS.get(name)
+        verdict = "" if target is None else (f">= {target}: " +
+                                             ("met" if ratio >= target else "MISSED"))
+        print(f"{name:<10} {c['threads']:>7} {c['qps_median']:>12.0f} {ratio:>13.3f} "
+              f"{c['jain_median']:>6.3f} {c['starved_max']:>7}  {verdict:<16} "
+              f"{' '.join(f'{x:.2f}' for x in c['ratio_runs'])}")
+        if c["errors"]:
+            print(f"  errors: {c['errors']}")
+    print(f"sharing violations: {report['sharing_violations']}; our pool discarded: "
+          f"{report['ours_pool_discarded'] or 'none'}")
+    return 0
+
+
+def _sdk_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("aperturedb")
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""``aperturedb-pool bench`` (the CLI) and a stress-scenario smoke test.
+
+Each bench run here is a real run: an embedded server started as a separate
+process, the real SDK Connector, a pool, a 1-2 s workload.  Kept short: the
+whole file takes well under 30 s.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["ADB_LOG_FILE"] = ""  # before any aperturedb import
+
+import json
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aperturedb_pool import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("APERTUREDB_KEY", "APERTUREDB_JSON", "APERTUREDB_CONFIG")}
+    env["ADB_LOG_FILE"] = ""
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _bench(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aperturedb_pool", "bench", *args],
+                          capture_output=True, text=True, timeout=timeout, env=_env(),
+                          stdin=subprocess.DEVNULL)
+
+
+def test_bench_json_against_an_embedded_server() -> None:
+    p = _bench("--duration", "2", "--json", "--threads", "4", "--pool-size", "2")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)  # stdout is the JSON document and nothing else
+    assert doc["target"]["kind"] == "embedded"
+    assert "starting an embedded ApertureDB-protocol server" in p.stderr
+    assert doc["interrupted"] is False and doc["setup_error"] is None
+    (run,) = doc["runs"]
+    assert run["pool_size"] == 2 and run["threads"] == 4
+    assert run["queries"] > 50
+    assert run["reads"] + run["write_batches"] == run["queries"]
+    assert run["entities_written"] == 10 * run["write_batches"]
+    assert run["errors"] == 0 and run["unknown_outcomes"] == 0 and run["wrong_answers"] == 0
+    assert run["write_check"] == {"acknowledged": run["entities_written"],
+                                  "unknown_batches": 0, "stored": run["entities_written"],
+                                  "ok": True}
+    assert 1.9 <= run["elapsed_s"] <= 5
+    assert run["queries_per_s"] == pytest.approx(run["queries"] / run["elapsed_s"], rel=0.01)
+    w = run["lease_wait_ms"]
+    assert 0 <= w["p50"] <= w["p99"] <= w["max"]
+    assert run["connectors"]["opened"] == 2
+    stats = run["pool_stats"]
+    assert stats["leased"] == 0 and stats["waiting"] == 0 and stats["size"] == 2
+    assert stats["leases_granted"] >= run["queries"]
+    # Not a terminal: progress is plain lines (on stderr, beside the JSON), no bar.
+    progress = [ln for ln in p.stderr.splitlines() if ln.startswith("bench: ")]
+    assert progress and all(" queries, " in ln for ln in progress)
+    assert "\r" not in p.stderr and "\x1b" not in p.stderr
+
+
+def test_bench_sizes_sweep_plain_output_and_plot(tmp_path: Path) -> None:
+    png = tmp_path / "sweep.png"
+    p = _bench("--sizes", "1,2", "--duration", "1.3", "--threads", "4", "--plot", str(png))
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert "results by pool size" in out
+    table = out.split("results by pool size", 1)[1]
+    rows = [ln.split() for ln in table.splitlines()[2:4]]
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert all(float(r[1]) > 0 for r in rows)  # queries/s
+    assert "pool size 1:" in out and "pool size 2:" in out
+    assert "lease wait p50/p99/max" in out and "connectors" in out and "retries" in out
+    assert "unknown outcomes" in out and "errors" in out and "pool stats" in out
+    # Plain progress lines on stdout (not a terminal), one label per size.
+    assert any(ln.startswith("pool 1: 1/1 s") for ln in out.splitlines()), out
+    assert "\r" not in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {png}" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--read-ratio", "1.5"], "argument --read-ratio: must be in 0..1"),
+    (["--sizes", "1,x"], "argument --sizes: expected comma-separated pool sizes"),
+    (["--sizes", "2,2"], "argument --sizes: pool sizes must be distinct"),
+    (["--sizes", "1,2", "--pool-size", "4"], "argument --sizes: not allowed with argument "
+                                             "--pool-size"),
+    (["--duration", "1", "--count", "5"], "argument --count: not allowed with argument --duration"),
+    (["--duration", "-1"], "argument --duration: must be a positive number of seconds"),
+    (["--duration", "nan"], "argument --duration: must be a positive number of seconds"),
+    (["--port", "70000"], "argument --port: must be in 1..65535"),
+    (["--embedded", "--host", "db"], "argument --embedded: not allowed with a target"),
+    (["--plot", "/nonexistent-dir/x.png"], "argument --plot: directory does not exist"),
+    (["--plot", "out.txt"], "argument --plot: expected a .png"),
+    (["--ca-cert", "/nonexistent.pem"], "argument --ca-cert: no such file"),
+    (["--threads"], "argument --threads: expected one argument"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_arguments_give_a_clear_error(args: list[str], message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("usage: aperturedb-pool bench")
+
+
+def test_ctrl_c_stops_cleanly_with_a_partial_report() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "aperturedb_pool", "bench", "--duration",
+                             "60", "--json", "--threads", "4", "--pool-size", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                            stdin=subprocess.DEVNULL)
+    try:
+        # Wait for the first progress line: the run is under way.
+        err = b""
+        deadline = time.monotonic() + 30
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stderr, selectors.EVENT_READ)
+            while b"bench: 1/60 s" not in err:
+                assert time.monotonic() < deadline, err.decode()
+                if sel.select(1):
+                    chunk = os.read(proc.stderr.fileno(), 4096)
+                    assert chunk, err.decode()
+                    err += chunk
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, rest = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (err + rest).decode()
+    doc = json.loads(out)
+    assert doc["interrupted"] is True
+    (run,) = doc["runs"]
+    assert run["interrupted"] is True and run["queries"] > 0 and run["elapsed_s"] < 30
+    assert run["pool_stats"]["leased"] == 0
+    assert "interrupted: waiting for queries in flight" in (err + rest).decode()
+
+
+def test_configured_target_and_no_password_in_the_output() -> None:
+    from aperturedb_pool.testing import EmbeddedServer
+
+    secret = "pw-Zq8-never-printed"
+    with EmbeddedServer(username="bench-user", password=secret) as server:
+        ok = _bench("--host", "127.0.0.1", "--port", str(server.port), "--user", "bench-user",
+                    "--password", secret, "--duration", "1", "--threads", "2",
+                    "--pool-size", "2", "--json")
+        t0 = time.monotonic()
+        bad = _bench("--host", "127.0.0.1", "--port", str(server.port), "--user", "bench-user",
+                     "--password", secret + "-wrong", "--duration", "1")
+        bad_time = time.monotonic() - t0
+        remaining = server.dump()
+    assert ok.returncode == 0, ok.stderr
+    doc = json.loads(ok.stdout)
+    assert doc["target"] == {"kind": "configured", "source": "command-line options",
+                             "address": "127.0.0.1:" + str(server.port), "user": "bench-user",
+                             "tls": False, "server_pid": None}
+    assert doc["runs"][0]["queries"] > 0 and doc["cleanup_error"] is None
+    # The bench deletes what it wrote on a configured server.
+    assert remaining == []
+    assert bad.returncode == 1
+    assert bad_time < 15  # a refused login fails fast, with no cleanup wait
+    assert "cannot" in bad.stderr and "127.0.0.1" in bad.stderr
+    for text in (ok.stdout, ok.stderr, bad.stdout, bad.stderr):
+        assert secret not in text
+
+
+def test_stress_exhaustion_scenario_passes() -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "stress" / "scenario_exhaustion.py")],
+                       capture_output=True, text=True, timeout=90, env=_env(),
+                       cwd=str(ROOT / "stress"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("PASS exhaustion")
