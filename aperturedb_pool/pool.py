@@ -79,6 +79,7 @@ T = TypeVar("T")
 _monotonic = time.monotonic
 _MIN_HANDOFF_AFTER = 0.001
 _MAX_PARALLEL_OPENS = 2
+_LOOP_GAP = 0.001  # a thread asking again within this of its last return loops
 _FAIR_WAITS = 4.0  # hand off once the oldest waiter waited this many fair shares
 _get_ident = threading.get_ident
 _ids = itertools.count(1)
@@ -140,10 +141,10 @@ class Lease:
     exactly once.
     """
 
-    __slots__ = ("_pool", "_timeout", "_slot", "conn", "_looper", "_released")
+    __slots__ = ("_pool", "_timeout", "_slot", "conn", "_req", "_released")
 
     def __init__(self, pool: "ConnectionPool", timeout: float | None) -> None:
-        self._looper = False
+        self._req = 0.0  # when the acquisition started (time.monotonic)
         self._pool = pool
         self._timeout = timeout
         self._slot: _Slot | None = None
@@ -163,7 +164,6 @@ class Lease:
                 slot = idle.pop()
                 pool._leases.add(slot)
                 pool._granted += 1
-                last = pool._last_releaser
                 lock.release()
                 now = _monotonic()
                 me = _get_ident()
@@ -172,7 +172,7 @@ class Lease:
                          not pool._unhealthy(slot))):
                     slot.owner = me
                     slot.leased_at = now
-                    self._looper = last == me
+                    self._req = now
                     self._slot = slot
                     conn = self.conn = slot.conn
                     return conn
@@ -195,11 +195,11 @@ class Lease:
                     if (not pool._waiters and not pool._closed and
                             slot.generation == pool._generation and slot in pool._leases):
                         pool._leases.remove(slot)
-                        pool._last_releaser = slot.owner
                         slot.owner = None
                         slot.returned = now
                         pool._idle.append(slot)
                         lock.release()
+                        pool._tls.released = now
                         self._released = True
                         self.conn = None
                         return
@@ -424,6 +424,7 @@ class ConnectionPool:
         self._init_state()
         self._bg_wakeup = threading.Event()
         self._bg_thread: threading.Thread | None = None
+        self._tls = threading.local()  # per thread: when it last returned a lease
         self._ready = threading.Condition(self._lock)
         _all_pools.add(self)
         if open:
@@ -459,7 +460,6 @@ class ConnectionPool:
         self._discarded: dict[str, int] = {}
         self._shared_data_override: Any = None
         self._granted = 0
-        self._last_releaser: int | None = None
         self._pid = os.getpid()
 
     def open(self, wait: bool = False, timeout: float | None = None) -> "ConnectionPool":
@@ -544,10 +544,7 @@ class ConnectionPool:
         me = _get_ident()
         lock = self._lock
         lock.acquire()
-        # A thread asking again right after it returned a connector (nobody
-        # used the pool in between) is in a loop: its next return may be
-        # re-taken by itself (see the module doc on fairness).
-        looper = self._last_releaser == me
+        lease._req = now
         if self._idle and not self._closed and (
                 not self._waiters or now - self._waiters[0].since < self._handoff_after):
             slot = self._idle.pop()
@@ -576,7 +573,6 @@ class ConnectionPool:
             slot.leak_reported = False
         lease._slot = slot
         lease.conn = slot.conn
-        lease._looper = looper
 
     def _unhealthy(self, slot: _Slot) -> bool:
         sock = socket_of(slot.conn)
@@ -729,9 +725,14 @@ class ConnectionPool:
             raise LeaseError("this lease was never acquired")
         lease._released = True
         lease.conn = None
-        owner = slot.owner
         slot.owner = None
         now = _monotonic()
+        # A thread that asked for this lease right after returning its
+        # previous one is in a loop: it will ask again at once, so it may
+        # re-take this connector (see the module doc on fairness).
+        tls = self._tls
+        looper = lease._req - getattr(tls, "released", -math.inf) < _LOOP_GAP
+        tls.released = now
         if slot.lease_stack is not None:
             self._note_return(slot, now)
         # Health on return: interrupted queries and dirty sockets are discarded.
@@ -756,7 +757,6 @@ class ConnectionPool:
                 closed_now = True
                 return
             self._leases.remove(slot)
-            self._last_releaser = owner
             if isinstance(error, OutcomeUnknown):
                 self._c["unknown_outcomes"] += 1
             if drop_reason is not None or self._closed or slot.generation != self._generation:
@@ -781,7 +781,7 @@ class ConnectionPool:
                     self._handoff_after = min(self.fairness_threshold, max(
                         _MIN_HANDOFF_AFTER,
                         _FAIR_WAITS * ha * len(waiters) / (self._size or 1)))
-                if waiters and (not lease._looper or
+                if waiters and (not looper or
                                 now - waiters[0].since >= self._handoff_after):
                     self._handoff(slot)
                 else:
@@ -1272,6 +1272,7 @@ class ConnectionPool:
         self._ready = threading.Condition(self._lock)
         self._bg_wakeup = threading.Event()
         self._bg_thread = None
+        self._tls = threading.local()
         was_open, was_closed = self._opened, self._closed
         generation = self._generation
         self._init_state()
