@@ -975,8 +975,10 @@ class ConnectionPool:
 
         def one_attempt(remaining: float | None) -> T:
             wait = self.timeout if remaining is None else max(0.0, min(self.timeout, remaining))
+            # A plain Lease (its fast paths), released below on every path.
+            lease = Lease(self, wait)
             try:
-                lease = self.acquire(timeout=wait)
+                conn = lease.__enter__()
             except PoolTimeout as e:
                 with self._lock:
                     down = self._unreachable_since
@@ -990,9 +992,9 @@ class ConnectionPool:
             slot = lease._slot
             reached = slot.phase.reached if slot is not None else 0
             try:
-                result = body(lease.conn)
+                result = body(conn)
             except BaseException as e:
-                lease.release(e)  # counts an unknown outcome
+                lease.__exit__(type(e), e, None)  # counts an unknown outcome
                 if (isinstance(e, ConnectFailed) and not idempotent and slot is not None and
                         slot.phase.reached > reached):
                     # This query was not sent, but an earlier one of the same
@@ -1004,7 +1006,7 @@ class ConnectionPool:
                     self._count("unknown_outcomes")
                     raise unknown from e
                 raise
-            lease.release()
+            lease.__exit__(None, None, None)
             return result
 
         def on_retry(attempt: int, exc: BaseException, delay: float) -> None:

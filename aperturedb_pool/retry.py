@@ -482,9 +482,26 @@ class RetryPolicy:
         started = clock_fn()
         deadline_at = None if self.deadline is None else started + self.deadline
         failures: list[ConnectorError] = []
+
+        # Fast path: most calls succeed at the first attempt, and building the
+        # tenacity machinery costs more than a whole query's client CPU.  The
+        # first attempt runs bare; after a retryable failure the failure is
+        # replayed as tenacity's first attempt, so the retry loop (stop, wait,
+        # retry condition, logging) is tenacity's alone.
+        try:
+            return fn(self.deadline)
+        except ConnectorError as exc:
+            failures.append(exc)
+            if self.max_attempts == 1 or not self.is_retryable(exc, idempotent=idempotent):
+                exc.attempts = []
+                _add_note(exc, self._not_retried_note(exc, idempotent, _scrub(describe)))
+                raise
+            replay: list[ConnectorError] = [exc]
         label = _scrub(describe)
 
         def attempt() -> T:
+            if replay:
+                raise replay.pop()
             remaining = None if deadline_at is None else deadline_at - clock_fn()
             if failures and remaining is not None and remaining <= 0:
                 raise _DeadlinePassed()
