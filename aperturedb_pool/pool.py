@@ -585,7 +585,7 @@ class ConnectionPool:
                         self.name, slot.id, reason)
             if reason in (PEER_CLOSED, TLS_READABLE):
                 # The server went away: retire every connector opened before now.
-                self._retire_generation(slot.generation, "the server closed a connection")
+                self._on_peer_closed(slot, "the server closed a connection")
             slot.in_flight = True
             return True
         return False
@@ -793,7 +793,7 @@ class ConnectionPool:
         if closed_now:
             self._close_pending()
         if getattr(error, "peer_closed", False):
-            self._retire_generation(slot.generation, f"a connector failed: {error}")
+            self._on_peer_closed(slot, f"a connector failed: {error}")
 
     def _drop(self, slot: _Slot, reason: str) -> None:
         # Under the lock: forget slot and have the background thread close it.
@@ -819,6 +819,32 @@ class ConnectionPool:
         ones when they come back; new connectors replace them.  Use after a
         server restart or a credentials change.  Returns how many were retired."""
         return self._retire_generation(None, "retire_all() called")
+
+    def _on_peer_closed(self, slot: _Slot, why: str) -> None:
+        """The server closed ``slot``'s connection: did it go away, or did one
+        connection die?  The other connectors of the same generation that are
+        not in the middle of a query are probed (a zero-timeout poll, which
+        reads nothing): if one of them was closed too, the server went away
+        (restart, crash) and the whole generation is retired at once; if all
+        look healthy, only this connector was lost (a proxy reset, an idle
+        timeout) and the others stay.  With no sibling to probe, the pool
+        retires: the safe side when it cannot tell."""
+        with self._lock:
+            if self._closed or slot.generation != self._generation:
+                return
+            siblings = [s for s in itertools.chain(self._idle, self._leases)
+                        if s is not slot and s.generation == slot.generation and
+                        s.poller is not None and not s.in_flight]
+        for s in siblings:
+            sock = socket_of(s.conn)
+            if sock is not None and probe_socket(sock) in (PEER_CLOSED, TLS_READABLE):
+                break
+        else:
+            if siblings:
+                logger.info("pool %r: %s; %d other connector(s) look healthy: only this one "
+                            "is replaced", self.name, why, len(siblings))
+                return
+        self._retire_generation(slot.generation, why)
 
     def _retire_generation(self, generation: int | None, _reason: str) -> int:
         # Retire the current generation, unless the failing connector belongs
@@ -1261,7 +1287,7 @@ class ConnectionPool:
             logger.info("pool %r: connector %d failed its keepalive (%s)", self.name, slot.id,
                         reason)
             if reason in (PEER_CLOSED, TLS_READABLE):
-                self._retire_generation(slot.generation, "keepalive found a closed connection")
+                self._on_peer_closed(slot, "keepalive found a closed connection")
 
     # -- fork ----------------------------------------------------------------
     def _after_fork_in_child(self) -> None:
