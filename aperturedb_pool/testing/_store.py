@@ -221,13 +221,17 @@ class Store:
 
     def __init__(self) -> None:
         self.objects: dict[int, Entity] = {}
+        # The same objects by class (an index, so that a Find with a class
+        # costs the size of that class, not of the whole store).  Kept in step
+        # with ``objects`` by every add, delete, undo and clear.
+        self.by_class: dict[str, dict[int, Entity]] = {}
         self._next_uid = 1
 
     # Read helpers (call from the loop thread, or when the server is stopped).
     def count(self, cls: str | None = None) -> int:
         if cls is None:
             return len(self.objects)
-        return sum(1 for e in self.objects.values() if e.cls == cls)
+        return len(self.by_class.get(cls, ()))
 
     def dump(self) -> list[dict[str, Any]]:
         """Every object as a plain dict (class, properties, blob size)."""
@@ -239,6 +243,7 @@ class Store:
 
     def clear(self) -> None:
         self.objects.clear()
+        self.by_class.clear()
 
     # --- executing a query -------------------------------------------------------
     def execute(self, commands: Any, blobs: list[bytes]) -> tuple[Any, list[bytes]]:
@@ -271,9 +276,17 @@ def _restore_props(e: Entity, old: dict[str, Any]) -> Callable[[], None]:
     return undo
 
 
-def _reinsert(objects: dict[int, Entity], e: Entity) -> Callable[[], None]:
+def _reinsert(store: "Store", e: Entity) -> Callable[[], None]:
     def undo() -> None:
-        objects[e.uid] = e
+        store.objects[e.uid] = e
+        store.by_class.setdefault(e.cls, {})[e.uid] = e
+    return undo
+
+
+def _forget(store: "Store", e: Entity) -> Callable[[], None]:
+    def undo() -> None:
+        store.objects.pop(e.uid, None)
+        store.by_class.get(e.cls, {}).pop(e.uid, None)
     return undo
 
 
@@ -283,6 +296,7 @@ class _Transaction:
     def __init__(self, store: Store, blobs: list[bytes]) -> None:
         self.store = store
         self.objects = store.objects
+        self.by_class = store.by_class
         self.blobs = blobs
         self.blob_pos = 0
         self.out_blobs: list[bytes] = []
@@ -347,6 +361,8 @@ class _Transaction:
             if ref not in self.refs:
                 raise CommandError(f"{where}: 'ref' {ref!r} does not name an earlier '_ref'")
             pool: Iterable[Entity] = self.refs[ref]
+        elif cls is not None:
+            pool = self.by_class.get(cls, {}).values()
         else:
             pool = self.objects.values()
         pred = compile_constraints(params.get("constraints"), where)
@@ -394,8 +410,8 @@ class _Transaction:
         cond = params.get("if_not_found")
         if cond is not None:
             pred = compile_constraints(cond, where)
-            found = [e for e in self.objects.values()
-                     if e.cls == cls and (pred is None or pred(e))]
+            found = [e for e in self.by_class.get(cls, {}).values()
+                     if pred is None or pred(e)]
             if found:
                 self._bind(where, params, found)
                 return {"status": STATUS_EXISTS, "info": "Object Exists!"}
@@ -404,7 +420,8 @@ class _Transaction:
         store._next_uid += 1
         ent = Entity(uid, cls, dict(props), data)
         self.objects[uid] = ent
-        self.undo.append(lambda: self.objects.pop(uid, None))
+        self.by_class.setdefault(cls, {})[uid] = ent
+        self.undo.append(_forget(store, ent))
         self._bind(where, params, [ent])
         return {"status": STATUS_OK}
 
@@ -498,7 +515,8 @@ class _Transaction:
         found = self._select(where, params, kind, "with_class")
         for e in found:
             del self.objects[e.uid]
-            self.undo.append(_reinsert(self.objects, e))
+            del self.by_class[e.cls][e.uid]
+            self.undo.append(_reinsert(self.store, e))
         return {"status": STATUS_OK, "count": len(found)}
 
     def _get_status(self, where: str, params: dict) -> dict[str, Any]:
