@@ -35,22 +35,9 @@ BUDGET_US = 47.5
 
 def _raw_client(host: str, port: int, tls: bool, ca_path: str | None, n_conns: int,
                 per_conn: int, ready: Any, go: Any, result: Any) -> None:
-    from aperturedb_pool.testing._wire import HELLO, LENGTH, frame, query_message_class
+    from aperturedb_pool.testing._wire import HELLO, frame, query_message_class, recv_frame
 
     qm = query_message_class()
-
-    def recv_exact(s: socket.socket, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = s.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("server closed")
-            buf += chunk
-        return bytes(buf)
-
-    def recv_frame(s: socket.socket) -> bytes:
-        (n,) = LENGTH.unpack(recv_exact(s, 4))
-        return recv_exact(s, n)
 
     ctx = None
     if tls:

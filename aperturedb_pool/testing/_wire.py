@@ -65,3 +65,20 @@ def query_message_class() -> Any:
 def frame(body: bytes) -> bytes:
     """Prefix ``body`` with its length: one buffer, so it goes out in one send."""
     return LENGTH.pack(len(body)) + body
+
+
+def recv_exact(sock: Any, n: int) -> bytes:
+    """Read exactly ``n`` bytes from a blocking socket (a client of the server)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: Any) -> bytes:
+    """Read one length-prefixed frame from a blocking socket."""
+    (n,) = LENGTH.unpack(recv_exact(sock, LENGTH.size))
+    return recv_exact(sock, n)

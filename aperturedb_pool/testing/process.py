@@ -30,7 +30,13 @@ import threading
 import time
 from typing import Any
 
-from aperturedb_pool.testing._wire import CONTROL_PROTOCOL, CONTROL_VERSION, HELLO, LENGTH, frame
+from aperturedb_pool.testing._wire import (
+    CONTROL_PROTOCOL,
+    CONTROL_VERSION,
+    HELLO,
+    frame,
+    recv_frame,
+)
 
 __all__ = ["ServerControl", "ServerProcess", "make_connector"]
 
@@ -49,21 +55,6 @@ def make_connector(host: str, port: int, tls: bool, ca_path: str | None, usernam
                                   use_ssl=tls, ca_cert=ca_path, verify_hostname=True)
     kwargs.update(overrides)
     return Connector(**kwargs)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("the server closed the control connection")
-        buf += chunk
-    return bytes(buf)
-
-
-def _recv_frame(sock: socket.socket) -> bytes:
-    (n,) = LENGTH.unpack(_recv_exact(sock, LENGTH.size))
-    return _recv_exact(sock, n)
 
 
 class ServerControl:
@@ -97,7 +88,7 @@ class ServerControl:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(frame(HELLO.pack(CONTROL_VERSION, CONTROL_PROTOCOL)))
-            version, _ = HELLO.unpack(_recv_frame(sock))
+            version, _ = HELLO.unpack(recv_frame(sock))
             if version != CONTROL_VERSION:
                 raise ConnectionError(
                     f"{self.host}:{self.port} has no control channel (started with --no-control?)")
@@ -115,7 +106,7 @@ class ServerControl:
                     if self._sock is None:
                         self._sock = self._connect()
                     self._sock.sendall(frame(body))
-                    reply = json.loads(_recv_frame(self._sock))
+                    reply = json.loads(recv_frame(self._sock))
                     break
                 except (OSError, ValueError):
                     if self._sock is not None:
