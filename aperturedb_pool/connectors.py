@@ -44,12 +44,11 @@ from aperturedb_pool.errors import (
     OutcomeUnknown,
     QueryTimeout,
 )
-from aperturedb_pool.health import apply_tcp_keepalive
+from aperturedb_pool.health import POLL_BAD, apply_tcp_keepalive, peek
 
 logger = logging.getLogger("aperturedb_pool")
 _monotonic = time.monotonic
 
-_POLL_BAD = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 # Per-thread flag: set while a pooled connector runs a query.  The SDK logs its
 # own retry-loop warnings and a CRITICAL "Failed to query" with a stack for
@@ -119,9 +118,7 @@ def _peer_closed(sock: Any) -> bool:
     if type(sock) is not socket.socket:
         return True  # TLS: cannot peek; a closed peer is the usual cause
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
+        return peek(sock) == b""
     except OSError:
         return True
 
@@ -311,7 +308,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 return
             sock.settimeout(query_timeout)  # replaces the handshake's connect_timeout
             poller = select.poll()
-            poller.register(sock.fileno(), _POLL_BAD)
+            poller.register(sock.fileno(), POLL_BAD)
             slot.poller = poller
             # No pre-send probe until the first response is read: a TLS 1.3
             # server's post-handshake messages (session tickets) make a fresh

@@ -20,7 +20,8 @@ from typing import Any
 PEER_CLOSED = "peer closed the connection"
 TLS_READABLE = "socket readable while idle (TLS: peer closed or unread bytes)"
 
-_POLL_BAD = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+#: poll events that make an idle connection unusable (readable, error, hung up)
+POLL_BAD = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 def socket_of(connector: Any) -> Any:
@@ -48,7 +49,7 @@ def probe_socket(sock: Any) -> str | None:
         except (OSError, ValueError):
             return "socket closed"
     poller = select.poll()
-    poller.register(fd, _POLL_BAD)
+    poller.register(fd, POLL_BAD)
     try:
         events = poller.poll(0)
     except OSError as e:
@@ -64,13 +65,22 @@ def probe_socket(sock: Any) -> str | None:
     # TLS sockets refuse flags, and either way the connector is unusable).
     if type(sock) is socket.socket:
         try:
-            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return None
+            data = peek(sock)
         except OSError as e:
             return f"socket error: {e}"
+        if data is None:
+            return None
         return "unread bytes on the socket" if data else PEER_CLOSED
     return TLS_READABLE
+
+
+def peek(sock: socket.socket) -> bytes | None:
+    """One byte of a plain socket, left unread: b"" at EOF, None when nothing
+    has arrived.  Never blocks; raises OSError for a socket in error."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
 
 
 def apply_tcp_keepalive(sock: Any, idle: float, interval: float, count: int) -> None:

@@ -93,7 +93,7 @@ class _Slot:
 
     __slots__ = ("conn", "id", "created", "expires", "returned", "generation", "in_flight",
                  "phase", "poller", "owner", "check_owner", "leased_at", "lease_stack",
-                 "leak_reported", "last_ping", "keepalive_due", "tracked", "jitter", "__weakref__")
+                 "leak_reported", "keepalive_due", "tracked", "jitter", "__weakref__")
 
     def __init__(self, conn: Any, generation: int, now: float, lifetime: float | None,
                  keepalive: float | None) -> None:
@@ -114,7 +114,6 @@ class _Slot:
         self.leased_at = 0.0
         self.lease_stack: list[str] | None = None
         self.leak_reported = False
-        self.last_ping = now
         # This connector's keepalive period factor: connectors used together
         # are not pinged together.
         self.jitter = 1.0 - 0.1 * random.random()
@@ -1276,9 +1275,7 @@ class ConnectionPool:
             else:
                 # ``returned`` stays the time of the last use: max_idle counts
                 # from it, pings do not make a connector "used".
-                slot.last_ping = now
-                slot.keepalive_due = now + (self.keepalive_interval or 0) * (
-                    1.0 - 0.1 * random.random())
+                slot.keepalive_due = now + (self.keepalive_interval or 0.0) * slot.jitter
                 if self._waiters:
                     self._handoff(slot)
                 else:
