@@ -27,7 +27,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 # Before anything imports the SDK: otherwise it may write error.<time>.log files here.
@@ -75,6 +75,11 @@ class Scenario:
             text = text if len(text) <= 900 else text[:900] + " ..."
         self.checks.append((what, bool(ok), text))
         return bool(ok)
+
+    def check_no_leak(self, stats: Any, what: str = "no lease leaked") -> bool:
+        """The pool has no lease out and no caller waiting (at the end of a run)."""
+        return self.check(what, stats.leased == 0 and stats.waiting == 0,
+                          f"leased {stats.leased}, waiting {stats.waiting}")
 
     def figure(self, **kw: Any) -> None:
         self.figures.update(kw)
@@ -170,12 +175,6 @@ def echo_ok(response: Any, k: int) -> bool:
         return body["status"] == 0 and [e["k"] for e in body["entities"]] == [k]
     except (LookupError, TypeError, AttributeError):
         return False
-
-
-def jain(counts: Iterable[float]) -> float:
-    xs = list(counts)
-    sq = sum(x * x for x in xs)
-    return (sum(xs) ** 2) / (len(xs) * sq) if xs and sq else float("nan")
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:

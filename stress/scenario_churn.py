@@ -25,11 +25,11 @@ import sys
 import threading
 import time
 
+from _benchkit import jain_index as jain
 from _scenario import (
     Scenario,
     echo_ok,
     echo_query,
-    jain,
     run_threads,
     seed_echo,
     server_settled,
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         sc.check("sharing_violations == 0", counters["sharing_violations"] == 0,
                  counters["sharing_violations"])
         sc.check("every answer matches its query", tot["mismatches"] == 0, tot["mismatches"])
-        sc.check("no lease leaked: leased == 0, waiting == 0", st.leased == 0 and st.waiting == 0,
-                 f"leased {st.leased}, waiting {st.waiting}")
+        sc.check_no_leak(st, "no lease leaked: leased == 0, waiting == 0")
         sc.check("no lease timed out", tot["timeouts"] == 0 and st.timeouts == 0,
                  f"callers saw {tot['timeouts']}, stats {st.timeouts}")
         sc.check("leases granted == leases taken",

@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                  {m: faults[m] for m in MODES})
         sc.check("sharing_violations == 0", counters["sharing_violations"] == 0,
                  counters["sharing_violations"])
-        sc.check("no lease leaked", st.leased == 0 and st.waiting == 0,
-                 f"leased {st.leased}, waiting {st.waiting}")
+        sc.check_no_leak(st)
         sc.check("the pool is full again", refilled, f"size {st.size}/{POOL}")
         sc.figure(errors=dict(ledger.errors_by_kind))
         pool.close()

@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [k for k in all_acked if k not in keys]
         sc.check("every acknowledged write stored exactly once", not dup and not missing,
                  f"duplicated {list(dup)[:5]}, missing {missing[:5]}")
-        sc.check("no lease leaked in the parent", st.leased == 0 and st.waiting == 0,
-                 f"leased {st.leased}, waiting {st.waiting}")
+        sc.check_no_leak(st, "no lease leaked in the parent")
         pool.close()
     finally:
         srv.stop()

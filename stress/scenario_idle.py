@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                  dict(st.discarded))
         sc.check("sharing_violations == 0", counters["sharing_violations"] == 0,
                  counters["sharing_violations"])
-        sc.check("no lease leaked", st.leased == 0 and st.waiting == 0,
-                 f"leased {st.leased}, waiting {st.waiting}")
+        sc.check_no_leak(st)
         pool.close()
     finally:
         srv.stop()

@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                  faults)
         sc.check("sharing_violations == 0", counters["sharing_violations"] == 0,
                  counters["sharing_violations"])
-        sc.check("no lease leaked", st.leased == 0 and st.waiting == 0,
-                 f"leased {st.leased}, waiting {st.waiting}")
+        sc.check_no_leak(st)
         sc.check("the pool is full again and the server holds its connections",
                  refilled and settled, f"size {st.size}/{POOL}, server {server_open}, "
                                        f"pool {size}")
