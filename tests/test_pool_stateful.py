@@ -348,7 +348,9 @@ class PoolMachine(RuleBasedStateMachine):
         assert s.idle + s.leased <= s.size or (self.closed and s.size == 0 and s.idle == 0)
         assert len(self.held) <= s.leased <= self.max_size
         opened = s.connectors_opened
-        assert opened <= len(self.template.clones) <= opened + 1
+        # Clones not yet counted as opened are opens in flight: at most one
+        # per opener thread.
+        assert opened <= len(self.template.clones) <= opened + pool_mod._MAX_PARALLEL_OPENS
         dropped = sum(s.discarded.values())
         if self.closed:
             assert opened >= s.size + dropped
