@@ -3,13 +3,39 @@
 Locking (the argument for thread safety)
 ----------------------------------------
 ``ConnectionPool._lock`` (a plain ``threading.Lock``) guards every mutable field
-of the pool: ``_idle``, ``_waiters``, ``_size``, ``_opening``, ``_leased``,
-``_leases`` (the set of live slots), ``_closed``, ``_generation``,
-``_retire_before``, the counters in ``_c`` and the background work lists
+of the pool but one: ``_waiters``, ``_size``, ``_all`` (the set of live slots),
+``_pinging``, ``_opening``, ``_closed``, ``_generation``,
+the counters in ``_c`` and ``_granted_base``, and the background work lists
 ``_to_close``/``_open_requests``.  It is held only for short, non-blocking
 bookkeeping: never across a network call, a sleep or a wait.  Decisions are
 taken under the lock; waiting (on a waiter's own lock) and I/O (probes, opening,
 closing, pinging) happen outside it.
+
+The exception is ``_idle``, the deque of idle slots.  Its single-item
+operations (``append``, ``pop``, ``popleft``, ``remove``, ``copy``) are atomic
+(one C call each, under the GIL; under a critical section of the deque in
+free-threaded builds), so the Lease fast paths use it without the pool lock:
+checkout is ``_idle.pop()`` when nobody waits, return is ``_idle.append()``.
+Rules that make this safe:
+
+* Whoever removes a slot from ``_idle`` owns it.  Code under the lock never
+  checks ``_idle`` and then pops: it pops and handles ``IndexError``
+  (``_pop_idle``), because a fast-path caller may have taken the last slot in
+  between.  Nothing iterates ``_idle`` itself: scans use ``_idle.copy()``.
+* ``_idle`` is never replaced (only in a forked child, where one thread exists).
+* A fast return appends first and reads ``_waiters`` and ``_closed`` second; a
+  new waiter is added to ``_waiters`` first and pops ``_idle`` second (under
+  the lock).  Either the waiter finds the returned slot, or the returning
+  thread sees the waiter and settles under the lock (``_settle``: hand idle
+  slots to waiters, or close them if the pool closed).  ``close()`` sets
+  ``_closed`` before draining ``_idle`` the same way.
+* A fast checkout re-checks what it needs after the pop (generation, expiry,
+  closed, the probe); a slot that fails goes back through the locked path to
+  be dropped.
+* The fast paths read ``_waiters``, ``_closed`` and ``_generation`` without
+  the lock.  Such a read only picks the path; what it decided is re-checked as
+  above, so a stale value costs a detour through the locked path, never a
+  wrong hand-out.
 
 Each waiter owns a ``threading.Lock`` that is created locked; a connector is
 handed to the waiter by setting ``waiter.slot`` under the pool lock, removing
@@ -17,11 +43,14 @@ the waiter from ``_waiters`` and releasing the waiter's lock.  A waiter that
 times out re-takes the pool lock and checks ``waiter.slot`` before giving up,
 so a connector handed to it at the last moment is never lost.
 
-A slot's fields are written under the pool lock while it is idle or changes
-hands; while it is leased only the leaseholder touches ``in_flight`` and
-``phase`` (through the connector wrappers).  The maintenance thread takes an
-idle slot out of ``_idle`` (under the lock) before pinging it, so a ping and a
-lease never overlap.
+A slot's fields are written under the pool lock while it changes hands, or by
+the one thread that took it from ``_idle``; while it is leased only the
+leaseholder touches ``in_flight``, ``phase`` and ``uses`` (through the lease
+and the connector wrappers).  The maintenance thread removes an idle slot from
+``_idle`` (``remove``, under the lock) before pinging it, so a ping and a lease
+never overlap.  Counts that include slots in passage between ``_idle`` and a
+leaseholder (``leased`` in the stats) are exact whenever no fast path runs at
+that instant, and off by the slots in passage otherwise.
 
 Fairness
 --------
@@ -93,7 +122,7 @@ class _Slot:
 
     __slots__ = ("conn", "id", "created", "expires", "returned", "generation", "in_flight",
                  "phase", "poller", "owner", "check_owner", "leased_at", "lease_stack",
-                 "leak_reported", "keepalive_due", "tracked", "jitter", "__weakref__")
+                 "leak_reported", "keepalive_due", "tracked", "jitter", "uses", "__weakref__")
 
     def __init__(self, conn: Any, generation: int, now: float, lifetime: float | None,
                  keepalive: float | None) -> None:
@@ -114,6 +143,7 @@ class _Slot:
         self.leased_at = 0.0
         self.lease_stack: list[str] | None = None
         self.leak_reported = False
+        self.uses = 0  # leases granted; written only by the thread holding the slot
         # This connector's keepalive period factor: connectors used together
         # are not pinged together.
         self.jitter = 1.0 - 0.1 * random.random()
@@ -130,6 +160,19 @@ class _Waiter:
         self.since = now
 
 
+class _ReleasedMark:
+    """``Lease._slot`` once the lease ended.  ``in_flight`` is true so that the
+    fast return path, which must test it anyway, turns away a second release."""
+
+    in_flight = True
+
+    def __repr__(self) -> str:
+        return "<released>"
+
+
+_RELEASED: Any = _ReleasedMark()
+
+
 class Lease:
     """A lease of one connector: a context manager, or an explicit handle.
 
@@ -140,69 +183,70 @@ class Lease:
     exactly once.
     """
 
-    __slots__ = ("_pool", "_timeout", "_slot", "conn", "_req", "_released")
+    # _slot: None before the acquisition, the slot while leased, _RELEASED
+    # after.  _req (when a slow-path acquisition started) is set only there:
+    # the lease is the hot path, and every store counts.
+    __slots__ = ("_pool", "_timeout", "_slot", "_req")
 
     def __init__(self, pool: "ConnectionPool", timeout: float | None) -> None:
-        self._req = 0.0  # when the acquisition started (time.monotonic)
         self._pool = pool
         self._timeout = timeout
         self._slot: _Slot | None = None
-        self.conn: Any = None
-        self._released = False
+
+    _req: float
+
+    @property
+    def conn(self) -> Any:
+        """The leased connector; None before the acquisition and after the release."""
+        slot = self._slot
+        return None if slot is None or slot is _RELEASED else slot.conn
+
+    @property
+    def _released(self) -> bool:
+        return self._slot is _RELEASED
 
     def __enter__(self) -> Any:
-        # Fast path (no waiter, an idle connector, nothing to check): inlined
-        # here because a lease is the pool's hot path.  Same rules as
+        # Fast path: nobody waits, an idle connector, nothing to check.  It
+        # takes no lock (see "Locking" in the module doc) and is inlined here
+        # because a lease is the pool's hot path: keep its rules the same as
         # ConnectionPool._acquire, which handles every other case.
+        # ``_fast`` is cleared by close() before it drains _idle: a checkout
+        # that saw it set is one that began before the close, like any lease
+        # still held when close() is called.
         pool = self._pool
-        if self._slot is None and pool._plain:
-            lock = pool._lock
-            lock.acquire()
-            idle = pool._idle
-            if idle and not pool._waiters and not pool._closed:
-                slot = idle.pop()
-                pool._leases.add(slot)
-                pool._granted += 1
-                lock.release()
+        if self._slot is None and pool._fast and not pool._waiters:
+            try:
+                slot = pool._idle.pop()
+            except IndexError:
+                pass
+            else:
                 now = _monotonic()
-                me = _get_ident()
                 if (slot.generation == pool._generation and now < slot.expires and
                         (now - slot.returned <= pool.probe_after or slot.poller is None or
                          not pool._unhealthy(slot))):
-                    slot.owner = me
+                    slot.uses += 1
                     slot.leased_at = now
-                    self._req = now
                     self._slot = slot
-                    conn = self.conn = slot.conn
-                    return conn
+                    return slot.conn
                 pool._discard_checked_out(slot)
-            else:
-                lock.release()
         pool._acquire(self)
         return self.conn
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
         slot = self._slot
-        if ev is None and slot is not None and not self._released and not slot.in_flight:
+        if ev is None and slot is not None and not slot.in_flight:  # _RELEASED is in flight
             pool = self._pool
-            if pool._plain:
+            if pool._fast and not pool._waiters and slot.generation == pool._generation:
                 now = _monotonic()
                 if now < slot.expires:
-                    # Fast path: clean return, nobody waiting.
-                    lock = pool._lock
-                    lock.acquire()
-                    if (not pool._waiters and not pool._closed and
-                            slot.generation == pool._generation and slot in pool._leases):
-                        pool._leases.remove(slot)
-                        slot.owner = None
-                        slot.returned = now
-                        pool._idle.append(slot)
-                        lock.release()
-                        pool._tls.released = now
-                        self._released = True
-                        self.conn = None
-                        return
-                    lock.release()
+                    # Fast path: a clean return while nobody waits.  Append
+                    # first, then look for waiters and close() (see "Locking").
+                    self._slot = _RELEASED
+                    slot.returned = now
+                    pool._idle.append(slot)
+                    if pool._waiters or not pool._fast:
+                        pool._settle()
+                    return
         self._pool._release(self, ev)
 
     def release(self, error: BaseException | None = None) -> None:
@@ -216,7 +260,7 @@ class Lease:
         the server went away retires the connector's whole generation.
         """
         slot = self._slot
-        if slot is not None:
+        if slot is not None and slot is not _RELEASED:
             slot.in_flight = True
         self._pool._release(self, error)
 
@@ -236,8 +280,8 @@ class _ManualLease(Lease):
 
     def __del__(self) -> None:
         slot = self._slot
-        if slot is not None and not self._released:
-            self._released = True
+        if slot is not None and slot is not _RELEASED:
+            self._slot = _RELEASED
             try:
                 warnings.warn(f"a lease of pool {self._pool.name!r} was garbage-collected without "
                               f"release(); its connector is closed (call release() or use "
@@ -417,6 +461,8 @@ class ConnectionPool:
         # True when leases need no per-lease extras (ownership check, leak
         # tracking): the Lease fast paths apply.  Disabled features cost nothing.
         self._plain = not self.check_ownership and self.leak_threshold is None
+        # The Lease fast paths are on: plain, and not closed (cleared by close()).
+        self._fast = self._plain
         self.name = name if name is not None else f"pool-{next(self._counter)}"
 
         self._lock = threading.Lock()
@@ -431,11 +477,12 @@ class ConnectionPool:
 
     # -- state -------------------------------------------------------------
     def _init_state(self) -> None:
-        # Everything below is guarded by self._lock.
+        # Everything below is guarded by self._lock, but _idle (see "Locking").
         self._idle: deque[_Slot] = deque()
         self._waiters: deque[_Waiter] = deque()
-        self._leases: set[_Slot] = set()
-        self._size = 0
+        self._all: set[_Slot] = set()  # every live slot: idle, leased, being pinged
+        self._size = 0  # == len(self._all)
+        self._pinging = 0  # slots out of _idle for a keepalive ping
         self._opening = 0
         self._open_requests = 0
         self._to_close: list[tuple[Any, str]] = []
@@ -458,7 +505,9 @@ class ConnectionPool:
             unknown_outcomes=0, leaks_reported=0)
         self._discarded: dict[str, int] = {}
         self._shared_data_override: Any = None
-        self._granted = 0
+        # Leases granted: this plus the live slots' ``uses`` (a dropped slot's
+        # count moves here), so the hot path counts without the lock.
+        self._granted_base = 0
         self._pid = os.getpid()
 
     def open(self, wait: bool = False, timeout: float | None = None) -> "ConnectionPool":
@@ -544,19 +593,17 @@ class ConnectionPool:
         lock = self._lock
         lock.acquire()
         lease._req = now
-        if self._idle and not self._closed and (
+        slot = None
+        if not self._closed and (
                 not self._waiters or now - self._waiters[0].since < self._handoff_after):
-            slot = self._idle.pop()
-            self._leases.add(slot)
-            self._granted += 1
-            lock.release()
-        else:
-            lock.release()
+            slot = self._pop_idle()
+        lock.release()
+        if slot is None:
             slot = self._wait_for_slot(lease, now)
             now = _monotonic()
         # Outside the lock: a connector the pool could know is unusable is
         # never handed out.
-        if (slot.generation != self._generation or now >= slot.expires or
+        if (slot.generation != self._generation or now >= slot.expires or self._closed or
                 (now - slot.returned > self.probe_after and self._unhealthy(slot))):
             self._discard_checked_out(slot)
             if lease._timeout is None:
@@ -566,12 +613,12 @@ class ConnectionPool:
             return self._acquire(lease)
         slot.owner = me
         slot.leased_at = now
+        slot.uses += 1
         if self.leak_threshold is not None:
             slot.leased_at = _monotonic()
             slot.lease_stack = traceback.format_stack(limit=18)[:-2]  # drop _acquire + its caller here
             slot.leak_reported = False
         lease._slot = slot
-        lease.conn = slot.conn
 
     def _unhealthy(self, slot: _Slot) -> bool:
         sock = socket_of(slot.conn)
@@ -590,13 +637,54 @@ class ConnectionPool:
         return False
 
     def _discard_checked_out(self, slot: _Slot) -> None:
+        # A slot taken for a checkout that cannot be handed out.
         with self._lock:
-            self._leases.discard(slot)
-            self._granted -= 1
-            reason = ("retired" if slot.generation != self._generation else
-                      "probe" if slot.in_flight else "expired")
-            self._drop(slot, reason)
-        self._bg_wakeup.set()
+            closed = self._closed
+            if slot in self._all:
+                reason = ("closed" if closed else
+                          "retired" if slot.generation != self._generation else
+                          "probe" if slot.in_flight else "expired")
+                self._drop(slot, reason)
+                self._maybe_grow()
+        if closed:
+            self._close_pending()
+        else:
+            self._bg_wakeup.set()
+
+    def _pop_idle(self) -> _Slot | None:
+        # The newest idle slot, or None.  Pop and catch, never check and pop:
+        # a fast-path checkout may take the last slot at any moment.
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return None
+
+    def _take_all_idle(self) -> list[_Slot]:
+        # Under the lock: remove every idle slot (oldest first) and own them.
+        taken = []
+        idle = self._idle
+        while True:
+            try:
+                taken.append(idle.popleft())
+            except IndexError:
+                return taken
+
+    def _settle(self) -> None:
+        # A fast return saw waiters or a closed pool after it appended its
+        # slot to _idle: hand idle slots to the waiters, or close them.
+        with self._lock:
+            closed = self._closed
+            if closed:
+                for slot in self._take_all_idle():
+                    self._drop(slot, "closed")
+            else:
+                while self._waiters:
+                    got = self._pop_idle()
+                    if got is None:
+                        break
+                    self._handoff(got)
+        if closed:
+            self._close_pending()
 
     def _wait_for_slot(self, lease: Lease, start: float) -> _Slot:
         timeout = (self.timeout if lease._timeout is None else
@@ -612,25 +700,35 @@ class ConnectionPool:
             if not self._opened:
                 raise PoolError(f"pool {self.name!r} is not open: it was created with "
                                 f"open=False; call pool.open() first")
-            if self._idle and (not self._waiters or
-                               start - self._waiters[0].since < self._handoff_after):
-                # The idle connector appeared between the fast path and here.
-                slot = self._idle.pop()
-                self._leases.add(slot)
-                self._granted += 1
-                return slot
+            if not self._waiters or start - self._waiters[0].since < self._handoff_after:
+                # An idle connector may have appeared since the first look.
+                slot = self._pop_idle()
+                if slot is not None:
+                    return slot
             if self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
                 self._c["rejected_waiters"] += 1
                 raise TooManyWaiters(
                     f"pool {self.name!r}: {len(self._waiters)} callers already waiting "
                     f"(max_waiting={self.max_waiting}); size {self._size}/{self.max_size}, "
-                    f"leased {len(self._leases)}. Raise max_waiting or max_size, or shed load")
-            if self._idle and self._waiters and (
-                    start - self._waiters[0].since >= self._handoff_after):
+                    f"leased {self._leased_count()}. Raise max_waiting or max_size, or shed "
+                    f"load")
+            if self._waiters and start - self._waiters[0].since >= self._handoff_after:
                 # An idle connector is owed to a starving waiter: hand it over
                 # and queue behind.
-                self._handoff(self._idle.pop())
+                slot = self._pop_idle()
+                if slot is not None:
+                    self._handoff(slot)
             self._waiters.append(waiter)
+            # Appended before this second look (see "Locking"): a fast return
+            # either left its slot for this look or sees the waiter.
+            while True:
+                slot = self._pop_idle()
+                if slot is None:
+                    break
+                if self._waiters[0] is waiter:
+                    self._waiters.popleft()
+                    return slot
+                self._handoff(slot)
             self._maybe_grow()
         if self._bg_thread is None and self._opened:
             self._ensure_bg()  # first use in a forked child
@@ -653,12 +751,11 @@ class ConnectionPool:
                 if self._closed:
                     self._remove_waiter(waiter)
                     raise PoolClosed(f"pool {self.name!r} was closed while waiting")
-                if self._idle and self._waiters and self._waiters[0] is waiter:
-                    self._waiters.popleft()
-                    slot = self._idle.pop()
-                    self._leases.add(slot)
-                    self._granted += 1
-                    break
+                if self._waiters and self._waiters[0] is waiter:
+                    slot = self._pop_idle()
+                    if slot is not None:
+                        self._waiters.popleft()
+                        break
                 if now >= deadline:
                     self._remove_waiter(waiter)
                     self._c["timeouts"] += 1
@@ -683,7 +780,7 @@ class ConnectionPool:
     def _timeout_message(self, timeout: float) -> str:
         # Called under the lock.
         msg = (f"pool {self.name!r}: no connector available within {timeout:.3g} s "
-               f"(size {self._size}/{self.max_size}, leased {len(self._leases)}, "
+               f"(size {self._size}/{self.max_size}, leased {self._leased_count()}, "
                f"idle {len(self._idle)}, waiting {len(self._waiters)}, "
                f"opening {self._opening})")
         if self._unreachable_since is not None:
@@ -699,9 +796,11 @@ class ConnectionPool:
         # Under the lock: give slot to the oldest waiter.
         waiter = self._waiters.popleft()
         waiter.slot = slot
-        self._leases.add(slot)
-        self._granted += 1
         waiter.lock.release()
+
+    def _leased_count(self) -> int:
+        # Under the lock.  Slots in passage count as leased (see "Locking").
+        return max(0, self._size - len(self._idle) - self._pinging)
 
     def _maybe_grow(self) -> None:
         # Under the lock: ask the background thread for connectors while there
@@ -718,19 +817,23 @@ class ConnectionPool:
     def _release(self, lease: Lease, error: BaseException | None,
                  reason: str | None = None) -> None:
         slot = lease._slot
-        if slot is None or lease._released:
-            if lease._released:
+        if slot is None or slot is _RELEASED:
+            if slot is _RELEASED:
                 raise LeaseError("this lease was already released")
             raise LeaseError("this lease was never acquired")
-        lease._released = True
-        lease.conn = None
+        lease._slot = _RELEASED
         slot.owner = None
         now = _monotonic()
         # A thread that asked for this lease right after returning its
         # previous one is in a loop: it will ask again at once, so it may
-        # re-take this connector (see the module doc on fairness).
+        # re-take this connector (see the module doc on fairness).  A
+        # fast-path checkout did not wait: it asked when it got the slot.
+        try:
+            req = lease._req
+        except AttributeError:
+            req = slot.leased_at
         tls = self._tls
-        looper = lease._req - getattr(tls, "released", -math.inf) < _LOOP_GAP
+        looper = req - getattr(tls, "released", -math.inf) < _LOOP_GAP
         tls.released = now
         if slot.lease_stack is not None:
             self._note_return(slot, now)
@@ -749,13 +852,12 @@ class ConnectionPool:
         lock.acquire()
         closed_now = False
         try:
-            if slot not in self._leases:
-                # Leased before a fork, or force-closed by close(timeout): not
-                # part of the pool's accounting any more.
+            if slot not in self._all:
+                # Leased before a fork, or reclaimed: not part of the pool's
+                # accounting any more.
                 self._to_close.append((slot.conn, "foreign"))
                 closed_now = True
                 return
-            self._leases.remove(slot)
             if isinstance(error, OutcomeUnknown):
                 self._c["unknown_outcomes"] += 1
             if drop_reason is not None or self._closed or slot.generation != self._generation:
@@ -796,6 +898,8 @@ class ConnectionPool:
 
     def _drop(self, slot: _Slot, reason: str) -> None:
         # Under the lock: forget slot and have the background thread close it.
+        self._all.discard(slot)
+        self._granted_base += slot.uses
         self._size -= 1
         self._discarded[reason] = self._discarded.get(reason, 0) + 1
         self._to_close.append((slot.conn, reason))
@@ -831,7 +935,7 @@ class ConnectionPool:
         with self._lock:
             if self._closed or slot.generation != self._generation:
                 return
-            siblings = [s for s in itertools.chain(self._idle, self._leases)
+            siblings = [s for s in self._all
                         if s is not slot and s.generation == slot.generation and
                         s.poller is not None and not s.in_flight]
         for s in siblings:
@@ -853,9 +957,9 @@ class ConnectionPool:
             if self._closed or (generation is not None and generation != self._generation):
                 return 0
             self._generation += 1
-            n = len(self._idle) + len(self._leases)
-            while self._idle:
-                self._drop(self._idle.pop(), "retired")
+            n = len(self._all)
+            for slot in self._take_all_idle():
+                self._drop(slot, "retired")
             self._maybe_grow()
         if n:
             logger.warning("pool %r: retired %d connector(s): %s", self.name, n, _reason)
@@ -873,10 +977,13 @@ class ConnectionPool:
         with self._lock:
             already = self._closed
             self._closed = True
+            self._fast = False
             waiters = list(self._waiters)
             self._waiters.clear()
-            while self._idle:
-                self._drop(self._idle.pop(), "closed")
+            # _closed is set first: a fast return that appends after this
+            # drain sees it and closes its slot (_settle).
+            for slot in self._take_all_idle():
+                self._drop(slot, "closed")
             self._open_requests = 0
             self._opening = 0
             self._ready.notify_all()
@@ -886,11 +993,11 @@ class ConnectionPool:
             deadline = _monotonic() + timeout
             while _monotonic() < deadline:
                 with self._lock:
-                    if not self._leases:
+                    if not self._all:
                         break
                 time.sleep(0.01)
             with self._lock:
-                held = [slot.conn for slot in self._leases]
+                held = [slot.conn for slot in self._all]
             for conn in held:
                 # A socket is shut down, not closed: the holder's pending read
                 # ends with EOF (OutcomeUnknown) and the connector is closed
@@ -928,17 +1035,18 @@ class ConnectionPool:
         self._drain_reclaimed()
         with self._lock:
             c = dict(self._c)
-            c["leases_granted"] = self._granted
+            uses = sum(s.uses for s in self._all)
+            c["leases_granted"] = self._granted_base + uses
             s = PoolStats(
                 name=self.name, min_size=self.min_size, max_size=self.max_size,
-                size=self._size, idle=len(self._idle), leased=len(self._leases),
+                size=self._size, idle=len(self._idle), leased=self._leased_count(),
                 waiting=len(self._waiters), opening=self._opening,
                 discarded=dict(self._discarded), generation=self._generation, **c)
             if reset:
                 for k in self._c:
                     self._c[k] = 0.0 if isinstance(self._c[k], float) else 0
                 self._discarded = {}
-                self._granted = 0
+                self._granted_base = -uses
         return s
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -1123,8 +1231,7 @@ class ConnectionPool:
             except queue.Empty:
                 return
             with self._lock:
-                if slot in self._leases:
-                    self._leases.remove(slot)
+                if slot in self._all:
                     self._drop(slot, "reclaimed")
                     self._maybe_grow()
             self._bg_wakeup.set()
@@ -1169,6 +1276,7 @@ class ConnectionPool:
                 self._to_close.append((conn, "closed"))
                 return True
             self._size += 1
+            self._all.add(slot)
             if self._waiters:
                 self._handoff(slot)
             else:
@@ -1201,23 +1309,36 @@ class ConnectionPool:
                 return next_round
             pings: list[_Slot] = []
             # Idle connectors: expire, shrink, keepalive (oldest are leftmost).
-            keep: deque[_Slot] = deque()
+            # A snapshot, and remove() what is dropped or pinged: a fast-path
+            # checkout may take any of these slots meanwhile (remove() then
+            # fails and the slot is theirs).
+            keep: list[_Slot] = []
             excess = self._size - self.min_size
-            while self._idle:
-                slot = self._idle.popleft()
+            idle = self._idle
+            for slot in idle.copy():
                 if slot.generation != self._generation:
-                    self._drop(slot, "retired")
+                    verdict = "retired"
                 elif now >= slot.expires:
-                    self._drop(slot, "expired")
+                    verdict = "expired"
                 elif (self.max_idle is not None and excess > 0 and
                       now - slot.returned >= self.max_idle):
-                    excess -= 1
-                    self._drop(slot, "idle")
+                    verdict = "idle"
                 elif self.keepalive_interval and now >= self._ping_due(slot):
-                    pings.append(slot)
+                    verdict = "ping"
                 else:
                     keep.append(slot)
-            self._idle = keep
+                    continue
+                try:
+                    idle.remove(slot)
+                except ValueError:
+                    continue  # checked out meanwhile
+                if verdict == "ping":
+                    pings.append(slot)
+                    self._pinging += 1
+                else:
+                    if verdict == "idle":
+                        excess -= 1
+                    self._drop(slot, verdict)
             if self.keepalive_interval:
                 for slot in keep:
                     next_round = min(next_round, max(0.01, self._ping_due(slot) - now))
@@ -1228,7 +1349,7 @@ class ConnectionPool:
                 next_round = min(next_round, max(0.01, self.leak_threshold / 2))
             leaked = []
             if self.leak_threshold is not None:
-                for slot in self._leases:
+                for slot in self._all:
                     if slot.lease_stack is not None and not slot.leak_reported:
                         age = now - slot.leased_at
                         if age >= self.leak_threshold:
@@ -1270,6 +1391,7 @@ class ConnectionPool:
         now = _monotonic()
         with self._lock:
             self._c["keepalive_pings"] += 1
+            self._pinging -= 1
             if not ok or self._closed or slot.generation != self._generation:
                 self._drop(slot, "failed_ping" if not ok else "retired")
             else:
@@ -1292,7 +1414,7 @@ class ConnectionPool:
         # been held by a thread that no longer exists: replace them.  The
         # inherited connectors belong to the parent: never write to them or
         # shut them down; forget them without touching their sockets.
-        old = list(self._idle) + list(self._leases)
+        old = list(self._all)
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._bg_wakeup = threading.Event()
@@ -1311,6 +1433,7 @@ class ConnectionPool:
             self._shared_data_override = SimpleNamespace(
                 session=getattr(shared, "session", None), lock=threading.Lock())
         self._closed = was_closed
+        self._fast = self._plain and not was_closed
         if was_open and not was_closed:
             self._opened = True
             self._opening = self._open_requests = self.min_size

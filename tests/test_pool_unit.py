@@ -14,9 +14,11 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import sys
 import threading
 import time
 import weakref
+from collections import deque
 from typing import Any, Callable
 
 import pytest
@@ -1099,3 +1101,186 @@ def test_stats_is_an_immutable_consistent_snapshot(make_pool: Any) -> None:
     assert pool.stats(reset=True).leases_granted == 1
     after = pool.stats()
     assert after.leases_granted == 0 and after.size == 1  # gauges survive a reset
+
+
+# ---------------------------------------------------------------------------
+# the lock-free fast paths (see "Locking" in aperturedb_pool/pool.py)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def preempt_often() -> Any:
+    """Switch threads as often as the interpreter allows, so that the fast
+    paths are interrupted between their steps (pop, checks, append, the
+    second look for waiters) far more often than in normal runs."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
+
+
+def _run_threads(n: int, work: Callable[[int], None]) -> list[BaseException]:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(JOIN)
+            work(i)
+        except BaseException as e:  # noqa: B036 - handed to the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        join(t)
+    return errors
+
+
+def test_fast_paths_with_background_churn_never_share_and_count_exactly(
+        make_pool: Any, template: StandIn, preempt_often: Any) -> None:
+    # Plain pool (fast paths on), more threads than connectors (waiters come
+    # and go, so fast and locked paths interleave), and a maintenance thread
+    # that keeps removing idle connectors to ping, expire and shrink them.
+    pool = make_pool(min_size=1, max_size=3, keepalive_interval=0.002, max_lifetime=0.05,
+                     max_idle=0.01, timeout=JOIN)
+    assert pool._fast
+    per_thread = 300
+
+    def work(i: int) -> None:
+        for _ in range(per_thread):
+            with pool.lease() as conn:
+                conn.query([{"FindEntity": {}}])
+
+    assert _run_threads(12, work) == []
+    assert sum(c.overlaps for c in template.clones) == 0, "a connector was used by two threads"
+    s = pool.stats()
+    assert s.leases_granted == 12 * per_thread
+    assert s.leased == 0 and s.waiting == 0 and s.idle <= s.size <= 3
+    assert s.connectors_opened == s.size + sum(s.discarded.values())
+    # Every connector the pool dropped gets closed; none it kept is.
+    live = [c for c in template.clones if not c.closed]
+    wait_until(lambda: len([c for c in template.clones if not c.closed]) == pool.stats().size,
+               what="dropped connectors closed")
+    assert len(live) >= pool.stats().size
+
+
+class _HookedDeque(deque):  # type: ignore[type-arg]
+    """An idle deque that runs ``before_append`` once, just before an append:
+    to force one interleaving of a fast return with another thread."""
+
+    before_append: Callable[[], None] | None = None
+
+    def append(self, x: Any) -> None:
+        hook, self.before_append = self.before_append, None
+        if hook is not None:
+            hook()
+        super().append(x)
+
+
+def test_a_waiter_that_arrives_during_a_fast_return_is_handed_the_connector(
+        make_pool: Any) -> None:
+    # The interleaving: the returning thread saw no waiter; a caller then
+    # queues (and finds nothing idle) before the returning thread appends.
+    # The second look of the return must hand the connector over at once,
+    # not leave it idle until the waiter's timed wake-up.
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
+    lease = pool.lease()
+    conn = lease.__enter__()
+    pool._idle = _HookedDeque(pool._idle)
+    box: dict[str, Any] = {}
+    queued = threading.Event()
+
+    def waiter() -> None:
+        with pool.lease() as c:
+            box["conn"] = c
+
+    def start_waiter() -> None:
+        t = threading.Thread(target=waiter, daemon=True)
+        box["thread"] = t
+        t.start()
+        wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+        queued.set()
+
+    pool._idle.before_append = start_waiter
+    lease.__exit__(None, None, None)
+    assert queued.is_set()
+    # Handed over by the return itself: nothing idle, nobody waiting, even
+    # before the waiter thread has run again.
+    s = pool.stats()
+    assert (s.idle, s.waiting) == (0, 0)
+    join(box["thread"])
+    assert box["conn"] is conn
+
+
+def test_close_racing_fast_paths_closes_every_connector(
+        make_pool: Any, template: StandIn, preempt_often: Any) -> None:
+    pool = make_pool(min_size=4, max_size=4, timeout=JOIN)
+    pool.wait_ready(JOIN)
+    started = threading.Semaphore(0)
+
+    def work(i: int) -> None:
+        n = 0
+        while True:
+            try:
+                with pool.lease() as conn:
+                    conn.query([{"GetStatus": {}}])  # raises if closed under us
+            except PoolClosed:
+                return
+            n += 1
+            if n == 50:
+                started.release()
+
+    errors: list[BaseException] = []
+
+    def closer() -> None:
+        for _ in range(8):
+            assert started.acquire(timeout=JOIN)
+        pool.close()
+
+    t, box = start(closer)
+    errors = _run_threads(8, work)
+    join(t)
+    assert "error" not in box
+    assert errors == []
+    s = pool.stats()
+    assert (s.size, s.idle, s.leased) == (0, 0, 0)
+    wait_until(lambda: all(c.closed for c in template.clones), what="every connector closed")
+    assert sum(c.overlaps for c in template.clones) == 0
+
+
+def test_retire_all_racing_fast_paths_never_hands_out_a_retired_connector(
+        make_pool: Any, template: StandIn, preempt_often: Any) -> None:
+    pool = make_pool(min_size=3, max_size=3, timeout=JOIN)
+    pool.wait_ready(JOIN)
+    retired_at: list[float] = []
+    old: list[StandIn] = []
+    late: list[tuple[float, StandIn]] = []  # (asked at, got) for leases asked after the retire
+    stop = threading.Event()
+    go = threading.Event()
+
+    def work(i: int) -> None:
+        while not stop.is_set():
+            asked = time.monotonic()
+            with pool.lease() as conn:
+                conn.query([{"GetStatus": {}}])
+                if retired_at and asked > retired_at[0]:
+                    late.append((asked, conn))
+            go.set()
+
+    def retire() -> None:
+        assert go.wait(JOIN)
+        old.extend(template.clones)
+        assert pool.retire_all() >= 3
+        retired_at.append(time.monotonic())
+        wait_until(lambda: len(late) >= 200, what="leases after the retire")
+        stop.set()
+
+    t, box = start(retire)
+    errors = _run_threads(6, work)
+    join(t)
+    assert errors == [] and "error" not in box
+    stale = [c for _, c in late if c in old]
+    assert stale == [], "a connector retired before the lease was asked for was handed out"
+    wait_until(lambda: all(c.closed for c in old), what="retired connectors closed")
