@@ -1214,36 +1214,95 @@ def test_a_waiter_that_arrives_during_a_fast_return_is_handed_the_connector(
     assert box["conn"] is conn
 
 
+def test_a_connector_returned_while_a_caller_queues_is_found_by_its_second_look(
+        make_pool: Any) -> None:
+    # The other interleaving: the caller found nothing idle, and the fast
+    # return (which saw no waiter yet) lands before the caller is queued.
+    # The caller's second look, after queuing, must take the connector
+    # instead of sleeping until its timed wake-up.
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
+    held = pool.lease()
+    conn = held.__enter__()
+    pool._waiters = _HookedDeque(pool._waiters)
+    pool._waiters.before_append = lambda: held.__exit__(None, None, None)
+    with pool.lease() as got:
+        assert got is conn
+    s = pool.stats()
+    assert s.leases_waited == 0, "the caller slept although the connector was idle"
+    assert (s.waiting, s.leases_granted) == (0, 2)
+
+
+def test_a_fast_return_that_lands_after_retire_all_is_not_reused(
+        make_pool: Any, template: StandIn) -> None:
+    # The return passed its generation check, then retire_all() ran (and
+    # drained _idle) before the append: the stale slot sits in _idle, and the
+    # checkout's own check must turn it away.
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
+    lease = pool.lease()
+    old = lease.__enter__()
+    pool._idle = _HookedDeque(pool._idle)
+    pool._idle.before_append = pool.retire_all
+    lease.__exit__(None, None, None)
+    with pool.lease() as conn:
+        assert conn is not old
+    wait_until(lambda: old.closed, what="the retired connector closed")
+    assert pool.stats().discarded.get("retired") == 1
+
+
+def test_a_fast_return_that_lands_after_close_closes_its_connector(
+        make_pool: Any, template: StandIn) -> None:
+    pool = make_pool(min_size=2, max_size=2, timeout=JOIN)
+    lease = pool.lease()
+    conn = lease.__enter__()
+    pool._idle = _HookedDeque(pool._idle)
+    pool._idle.before_append = pool.close
+    lease.__exit__(None, None, None)
+    assert conn.closed, "closed by the return itself, after close() had drained the pool"
+    s = pool.stats()
+    assert (s.size, s.idle) == (0, 0)
+    with pytest.raises(PoolClosed):
+        with pool.lease():
+            pass
+
+
+@pytest.mark.parametrize("threads", [4, 8])
 def test_close_racing_fast_paths_closes_every_connector(
-        make_pool: Any, template: StandIn, preempt_often: Any) -> None:
+        make_pool: Any, template: StandIn, preempt_often: Any, threads: int) -> None:
+    # With as many threads as connectors nobody waits, and every return
+    # takes the fast path; with more, returns and checkouts mix both paths.
     pool = make_pool(min_size=4, max_size=4, timeout=JOIN)
     pool.wait_ready(JOIN)
     started = threading.Semaphore(0)
+    closed_at: list[float] = []
+    after_close: list[float] = []  # leases granted that were asked for after close()
 
     def work(i: int) -> None:
         n = 0
         while True:
+            asked = time.monotonic()
             try:
                 with pool.lease() as conn:
                     conn.query([{"GetStatus": {}}])  # raises if closed under us
+                    if closed_at and asked > closed_at[0]:
+                        after_close.append(asked)
             except PoolClosed:
                 return
             n += 1
             if n == 50:
                 started.release()
 
-    errors: list[BaseException] = []
-
     def closer() -> None:
-        for _ in range(8):
+        for _ in range(threads):
             assert started.acquire(timeout=JOIN)
         pool.close()
+        closed_at.append(time.monotonic())
 
     t, box = start(closer)
-    errors = _run_threads(8, work)
+    errors = _run_threads(threads, work)
     join(t)
     assert "error" not in box
     assert errors == []
+    assert after_close == [], "a lease asked for after close() returned was granted"
     s = pool.stats()
     assert (s.size, s.idle, s.leased) == (0, 0, 0)
     wait_until(lambda: all(c.closed for c in template.clones), what="every connector closed")
