@@ -66,6 +66,13 @@ follows the load: ``_FAIR_WAITS`` times the wait a fair share implies (mean
 hold x waiters per connector), at least 1 ms and at most ``fairness_threshold``.
 Threads that do not loop (request handlers) always hand off directly, so a
 returned connector never sits idle while someone waits.
+
+Barging runs on the lock-free paths too: a checkout may pop an idle connector
+while callers wait if the oldest has waited less than ``_handoff_after``
+(``_may_barge``), and a looping thread's clean return leaves its connector idle
+for its own next lease under the same condition (``_keeps_for``).  Waiters are
+not woken when they become overdue (a wake-up costs a thread switch): the
+lease paths read the oldest waiter's age and hand over from then on.
 """
 
 from __future__ import annotations
@@ -109,7 +116,7 @@ _monotonic = time.monotonic
 _MIN_HANDOFF_AFTER = 0.001
 _MAX_PARALLEL_OPENS = 2
 _LOOP_GAP = 0.001  # a thread asking again within this of its last return loops
-_FAIR_WAITS = 4.0  # hand off once the oldest waiter waited this many fair shares
+_FAIR_WAITS = 6.0  # hand off once the oldest waiter waited this many fair shares
 _get_ident = threading.get_ident
 _ids = itertools.count(1)
 
@@ -206,15 +213,15 @@ class Lease:
         return self._slot is _RELEASED
 
     def __enter__(self) -> Any:
-        # Fast path: nobody waits, an idle connector, nothing to check.  It
-        # takes no lock (see "Locking" in the module doc) and is inlined here
-        # because a lease is the pool's hot path: keep its rules the same as
-        # ConnectionPool._acquire, which handles every other case.
-        # ``_fast`` is cleared by close() before it drains _idle: a checkout
-        # that saw it set is one that began before the close, like any lease
-        # still held when close() is called.
+        # Fast path: an idle connector, and nobody waiting or barging allowed
+        # (see "Fairness"), nothing to check.  It takes no lock (see "Locking"
+        # in the module doc) and is inlined here because a lease is the
+        # pool's hot path: keep its rules the same as ConnectionPool._acquire,
+        # which handles every other case.  ``_fast`` is cleared by close()
+        # before it drains _idle: a checkout that saw it set is one that began
+        # before the close, like any lease still held when close() is called.
         pool = self._pool
-        if self._slot is None and pool._fast and not pool._waiters:
+        if self._slot is None and pool._fast and (not pool._waiters or pool._may_barge()):
             try:
                 slot = pool._idle.pop()
             except IndexError:
@@ -236,17 +243,29 @@ class Lease:
         slot = self._slot
         if ev is None and slot is not None and not slot.in_flight:  # _RELEASED is in flight
             pool = self._pool
-            if pool._fast and not pool._waiters and slot.generation == pool._generation:
+            if pool._fast and slot.generation == pool._generation:
                 now = _monotonic()
                 if now < slot.expires:
-                    # Fast path: a clean return while nobody waits.  Append
-                    # first, then look for waiters and close() (see "Locking").
-                    self._slot = _RELEASED
-                    slot.returned = now
-                    pool._idle.append(slot)
-                    if pool._waiters or not pool._fast:
-                        pool._settle()
-                    return
+                    if not pool._waiters:
+                        # Fast path: a clean return while nobody waits.
+                        # Append first, then look for waiters and close()
+                        # (see "Locking").
+                        self._slot = _RELEASED
+                        slot.returned = now
+                        pool._idle.append(slot)
+                        if pool._waiters or not pool._fast:
+                            pool._settle()
+                        return
+                    if pool._keeps_for(self, slot, now):
+                        # A thread in a loop keeps its connector for its next
+                        # lease while no waiter is overdue ("Fairness"): idle,
+                        # not handed over, so no thread wake-up.
+                        self._slot = _RELEASED
+                        slot.returned = now
+                        pool._idle.append(slot)
+                        if not pool._fast:
+                            pool._settle()
+                        return
         self._pool._release(self, ev)
 
     def release(self, error: BaseException | None = None) -> None:
@@ -355,7 +374,7 @@ class ConnectionPool:
     fairness_threshold (0.01)
         The longest the oldest waiter can be passed over by threads re-taking
         the connector they just returned.  Within it the pool adapts: it hands
-        off once the oldest waiter has waited four times its fair share
+        off once the oldest waiter has waited six times its fair share
         (mean hold x waiters per connector, at least 1 ms).  0 gives strict
         first come, first served.
     leak_threshold (None)
@@ -651,6 +670,36 @@ class ConnectionPool:
         else:
             self._bg_wakeup.set()
 
+    def _may_barge(self) -> bool:
+        # Without the lock (a stale answer only picks the path): may a caller
+        # take an idle connector ahead of the waiters?  Only while the oldest
+        # has waited less than _handoff_after.
+        try:
+            return _monotonic() - self._waiters[0].since < self._handoff_after
+        except IndexError:
+            return True
+
+    def _keeps_for(self, lease: Lease, slot: _Slot, now: float) -> bool:
+        # Without the lock, on a clean return while callers wait: may the
+        # returning thread leave its connector idle for its own next lease?
+        # Yes if it is in a loop (it asked for this lease right after
+        # returning its previous one) and no waiter is overdue.  Otherwise
+        # _release hands the connector to the oldest waiter.
+        tls = self._tls
+        try:
+            req = lease._req
+        except AttributeError:
+            req = slot.leased_at  # a fast-path checkout asked when it got the slot
+        if req - getattr(tls, "released", -math.inf) >= _LOOP_GAP:
+            return False
+        try:
+            if now - self._waiters[0].since >= self._handoff_after:
+                return False
+        except IndexError:
+            pass
+        tls.released = now
+        return True
+
     def _pop_idle(self) -> _Slot | None:
         # The newest idle slot, or None.  Pop and catch, never check and pop:
         # a fast-path checkout may take the last slot at any moment.
@@ -732,8 +781,11 @@ class ConnectionPool:
             self._maybe_grow()
         if self._bg_thread is None and self._opened:
             self._ensure_bg()  # first use in a forked child
-        # Wait outside the pool lock.  The wake-up slice bounds how long an
-        # idle connector can go unnoticed if a barging thread never returns.
+        # Wait outside the pool lock.  No wake-up is needed when this waiter
+        # becomes overdue: from then on the lease paths see it and hand
+        # connectors over instead of barging.  The timed wake-ups only bound
+        # how long a connector left idle by a barging thread that did not come
+        # back goes unnoticed; each costs a thread switch, so they are rare.
         slice_ = min(max(4 * self._handoff_after, 0.005), 0.05)
         while True:
             left = deadline - _monotonic()
@@ -751,11 +803,20 @@ class ConnectionPool:
                 if self._closed:
                     self._remove_waiter(waiter)
                     raise PoolClosed(f"pool {self.name!r} was closed while waiting")
-                if self._waiters and self._waiters[0] is waiter:
-                    slot = self._pop_idle()
-                    if slot is not None:
-                        self._waiters.popleft()
+                # Idle connectors left by barging threads go to the waiters
+                # in order, this one included.
+                slot = None
+                while self._waiters:
+                    spare = self._pop_idle()
+                    if spare is None:
                         break
+                    if self._waiters[0] is waiter:
+                        self._waiters.popleft()
+                        slot = spare
+                        break
+                    self._handoff(spare)
+                if slot is not None:
+                    break
                 if now >= deadline:
                     self._remove_waiter(waiter)
                     self._c["timeouts"] += 1

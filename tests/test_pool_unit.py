@@ -1343,3 +1343,66 @@ def test_retire_all_racing_fast_paths_never_hands_out_a_retired_connector(
     stale = [c for _, c in late if c in old]
     assert stale == [], "a connector retired before the lease was asked for was handed out"
     wait_until(lambda: all(c.closed for c in old), what="retired connectors closed")
+
+
+def test_a_looping_thread_keeps_its_connector_until_a_waiter_is_overdue(
+        make_pool: Any, clock: ShiftedClock) -> None:
+    # fairness_threshold 1 s: the hand-off threshold starts there (it adapts
+    # only after hand-offs), so the waiter below is not overdue until the
+    # clock is advanced past it.
+    pool = make_pool(min_size=1, max_size=1, fairness_threshold=1.0, timeout=JOIN)
+    # A return through release() records when this thread returned (the
+    # no-waiter fast return skips that: with nobody waiting it is not needed).
+    first = pool.acquire()
+    conn = first.conn
+    first.release()
+    lease = pool.lease()  # asked right after a return: a loop
+    assert lease.__enter__() is conn
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def waiter() -> None:
+        with pool.lease() as c:
+            box["conn"] = c
+            assert done.wait(JOIN)
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+    for _ in range(5):
+        # Barging on the lock-free paths: returned and re-taken, no hand-off.
+        lease.__exit__(None, None, None)
+        lease = pool.lease()
+        assert lease.__enter__() is conn
+    assert pool.stats().waiting == 1 and "conn" not in box
+    clock.advance(2.0)  # the waiter is now overdue: the next return hands over
+    lease.__exit__(None, None, None)
+    s = pool.stats()
+    assert (s.idle, s.waiting, s.leased) == (0, 0, 1), "not handed to the overdue waiter"
+    done.set()
+    join(t)
+    assert box["conn"] is conn
+    s = pool.stats()
+    assert (s.waiting, s.leases_waited, s.leases_granted) == (0, 1, 8)
+
+
+def test_a_return_that_is_not_part_of_a_loop_hands_over_at_once(
+        make_pool: Any, clock: ShiftedClock) -> None:
+    pool = make_pool(min_size=1, max_size=1, fairness_threshold=1.0, timeout=JOIN)
+    with pool.lease():
+        pass
+    clock.advance(0.5)  # a request handler: its next lease is not right after the last
+    lease = pool.lease()
+    conn = lease.__enter__()
+    box: dict[str, Any] = {}
+
+    def waiter() -> None:
+        with pool.lease() as c:
+            box["conn"] = c
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+    lease.__exit__(None, None, None)  # the waiter is not overdue, yet is served now
+    join(t)
+    assert box["conn"] is conn
