@@ -33,6 +33,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -50,24 +51,35 @@ logger = logging.getLogger("aperturedb_pool")
 _monotonic = time.monotonic
 
 
-# Per-thread flag: set while a pooled connector runs a query.  The SDK logs its
-# own retry-loop warnings and a CRITICAL "Failed to query" with a stack for
-# every failure; for pooled connectors the pool raises one classified error
-# instead, so those records are dropped while the flag is set.
-_quiet = threading.local()
-
+# The SDK logs its own retry-loop warnings and a CRITICAL "Failed to query"
+# with a stack for every failure; for pooled connectors the pool raises one
+# classified error instead, so those records are dropped when they come from
+# a query of a pooled connector: when the pool's query wrapper is on the
+# logging thread's stack.  Looking costs nothing until the SDK logs (a flag
+# set around every query would cost every query).
 _SDK_NOISE = ("Failed to query", "OS error on process", "SSL error on process",
               "SSL connection error", "Connection broken", "Error connecting to server",
               "Attribute error on process", "Error receiving", "Error wrapping socket",
               "You can use the ca_cert parameter")
+_wrapper_codes: set[Any] = set()  # code objects of the query wrappers (one per module load)
+_STACK_LOOKUP = 40  # frames: logging's own (about 6) plus the SDK's (about 4)
+
+
+def _in_pooled_query() -> bool:
+    f: Any = sys._getframe(1)
+    for _ in range(_STACK_LOOKUP):
+        if f is None:
+            return False
+        if f.f_code in _wrapper_codes:
+            return True
+        f = f.f_back
+    return False
 
 
 class _SDKNoiseFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(_quiet, "on", False):
-            return True
         msg = record.msg if isinstance(record.msg, str) else ""
-        return not msg.startswith(_SDK_NOISE)
+        return not (msg.startswith(_SDK_NOISE) and _in_pooled_query())
 
 
 _filter_installed = False
@@ -134,7 +146,10 @@ class Phase:
         self.connecting = False
         self.sent = False
         self.answered = False
-        self.last_io = 0.0  # time.monotonic() of the last complete response
+        # time.monotonic() when the last query started (inf from a connect to
+        # the end of the first query: see connect); the pre-send probe runs
+        # when the connector was silent for longer than probe_after.
+        self.last_io = 0.0
         # The classified error of the current query, when the SDK's own loop
         # may catch it (QueryTimeout is a TimeoutError, hence an OSError).
         self.failed: BaseException | None = None
@@ -198,6 +213,10 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         orig_send = conn._send_msg
         orig_recv = conn._recv_msg
         orig_connect_impl = conn._connect
+        # The SDK's own framing (not a subclass's override): the wrappers
+        # below then do the framing themselves (write_frame/read_frame), one
+        # Python call per message instead of a wrapper around the SDK's.
+        own = _is_sdk_framing(conn)
 
         def _send_msg(data: bytes) -> None:
             if phase.connecting:
@@ -208,24 +227,11 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                     sock.settimeout(connect_timeout)
                 orig_send(data)
                 return
-            poller = slot.poller
-            # The probe is a syscall, and every syscall releases the GIL: under
-            # contention that costs a thread switch.  A connection that
-            # answered moments ago needs none (the same rule as the checkout
-            # probe); one idle for longer is checked before each request.
-            if poller is not None and _monotonic() - phase.last_io > probe_after:
-                sock = conn.conn
-                pending = getattr(sock, "pending", None)
-                events = poller.poll(0)
-                if events or (pending is not None and pending()):
-                    err = ConnectFailed(
-                        f"connection to {where} was closed or desynchronised before the request "
-                        f"was sent; the request was not sent")
-                    err.peer_closed = bool(events and events[0][1] & select.POLLHUP) or (
-                        _peer_closed(sock))
-                    raise err
             try:
-                orig_send(data)
+                if own:
+                    write_frame(conn.conn, data)
+                else:
+                    orig_send(data)
             except OSError as e:
                 if e.errno in _NOT_DELIVERED:
                     # The peer is gone: sendall could not complete the frame,
@@ -247,7 +253,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
 
         def _recv_msg() -> Any:
             try:
-                response = orig_recv()
+                response = read_frame(conn.conn) if own else orig_recv()
             except socket.timeout as e:
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} timed out") from e
@@ -279,7 +285,6 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             if phase.connecting:
                 return response  # the hello reply is no answer to a query
             phase.answered = True
-            phase.last_io = _monotonic()
             return response
 
         def connect(details: Any = None) -> None:
@@ -327,8 +332,16 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         phase.sent = False
         phase.answered = False
         phase.failed = None
-        _quiet.on = True
         try:
+            now = _monotonic()
+            if now - phase.last_io > probe_after:
+                # Idle longer than probe_after while leased: check the socket
+                # before anything is sent (the same rule as the checkout
+                # probe).  The probe is a syscall, and every syscall releases
+                # the GIL: under contention that costs a thread switch, so a
+                # connection used moments ago gets none.
+                _probe_before_send(conn, slot, where)
+            phase.last_io = now
             result = orig_query(q, [] if blobs is None else blobs)
         except ConnectorError as e:
             if e.query is None:
@@ -363,14 +376,90 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             if sdk:
                 slot.in_flight = False
             raise
-        finally:
-            _quiet.on = False
         slot.in_flight = False
         phase.reached += 1
         return result
 
+    _wrapper_codes.add(query.__code__)
     conn.query = query
     return True
+
+
+# The wire framing (see the SDK's Connector and ../shared/docs/APERTUREDB.md):
+# a native-order unsigned int length prefix, then the protobuf message.
+_FRAME_LEN = struct.Struct("@I")
+_LARGE_MESSAGE = 2048 * 2**20  # the server's default limit on one message
+
+
+def write_frame(sock: Any, data: bytes) -> None:
+    """Send one framed message (the SDK's ``_send_msg``, for pooled connectors)."""
+    if len(data) > _LARGE_MESSAGE:
+        logger.warning("sending a %d-byte message: larger than the server's default limit "
+                       "(2 GiB); the server may close the connection", len(data))
+    sock.sendall(_FRAME_LEN.pack(len(data)) + data)
+
+
+def read_frame(sock: Any) -> bytes | bytearray | None:
+    """Read one framed message; None if the peer closed the connection first.
+
+    Unlike the SDK's ``_recv_msg``, a length prefix split across reads is
+    completed instead of misread.
+    """
+    head = sock.recv(4)
+    if len(head) < 4:
+        head = _read_rest(sock, head, 4)
+        if head is None:
+            return None
+    (n,) = _FRAME_LEN.unpack(head)
+    body = sock.recv(n)
+    if len(body) < n:
+        return _read_rest(sock, body, n)
+    return body
+
+
+def _read_rest(sock: Any, first: bytes, n: int) -> bytearray | None:
+    if not first and n:
+        return None  # EOF
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = len(first)
+    view[:got] = first
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            return None
+        got += k
+    return buf
+
+
+_sdk_framing: tuple[Any, Any] | None = None
+
+
+def _is_sdk_framing(conn: Any) -> bool:
+    global _sdk_framing
+    if _sdk_framing is None:
+        try:
+            from aperturedb.Connector import Connector
+        except ImportError:  # pragma: no cover - the SDK is a dependency
+            return False
+        _sdk_framing = (Connector._send_msg, Connector._recv_msg)
+    cls = type(conn)
+    return (getattr(cls, "_send_msg", None), getattr(cls, "_recv_msg", None)) == _sdk_framing
+
+
+def _probe_before_send(conn: Any, slot: Any, where: str) -> None:
+    poller = slot.poller
+    if poller is None:
+        return  # a stand-in, or not connected yet (the SDK connects inside query)
+    sock = conn.conn
+    pending = getattr(sock, "pending", None)
+    events = poller.poll(0)
+    if events or (pending is not None and pending()):
+        err = ConnectFailed(
+            f"connection to {where} was closed or desynchronised before the request was "
+            f"sent; the request was not sent")
+        err.peer_closed = bool(events and events[0][1] & select.POLLHUP) or _peer_closed(sock)
+        raise err
 
 
 class OwnershipCheck:
