@@ -61,9 +61,15 @@ leases, which keeps connectors busy, and under the GIL a wake-up is expensive
 (the woken thread must win the GIL back: ~50-100 us on a busy 2-core machine).
 Barging is bounded: once the oldest waiter has waited ``_handoff_after``
 seconds, every returned connector is handed directly to the oldest waiter
-(first come, first served) until no waiter is that old.  ``_handoff_after``
-follows the load: ``_FAIR_WAITS`` times the wait a fair share implies (mean
-hold x waiters per connector), at least 1 ms and at most ``fairness_threshold``.
+(first come, first served) until no waiter is that old.  ``_handoff_after`` is
+``_HANDOFF_SHARE`` (60%) of ``fairness_threshold`` (at least 1 ms; 0 when the
+threshold is 0: strict first come, first served); the rest of the threshold is
+the margin for the hand-off itself (the next return, the woken thread's
+wake-up).  Each hand-off costs a thread switch, which under the GIL costs the
+whole process tens of microseconds, so the threshold trades the longest wait
+against throughput: with N threads sharing M connectors a thread waits about
+``_handoff_after`` for a turn, then keeps its connector for about
+``_handoff_after`` x M / (N - M).
 Threads that do not loop (request handlers) always hand off directly, so a
 returned connector never sits idle while someone waits.
 
@@ -116,7 +122,7 @@ _monotonic = time.monotonic
 _MIN_HANDOFF_AFTER = 0.001
 _MAX_PARALLEL_OPENS = 2
 _LOOP_GAP = 0.001  # a thread asking again within this of its last return loops
-_FAIR_WAITS = 6.0  # hand off once the oldest waiter waited this many fair shares
+_HANDOFF_SHARE = 0.6  # of fairness_threshold: barging stops when the oldest waited this
 _get_ident = threading.get_ident
 _ids = itertools.count(1)
 
@@ -372,10 +378,11 @@ class ConnectionPool:
     probe_after (0.5)
         A connector idle for longer is probed (a zero-timeout poll) at checkout.
     fairness_threshold (0.01)
-        The longest the oldest waiter can be passed over by threads re-taking
-        the connector they just returned.  Within it the pool adapts: it hands
-        off once the oldest waiter has waited six times its fair share
-        (mean hold x waiters per connector, at least 1 ms).  0 gives strict
+        About the longest a waiter is passed over by threads re-taking the
+        connector they just returned (barging, which saves a thread wake-up
+        per lease): connectors go first come, first served once the oldest
+        waiter has waited 60% of it.  Larger values give more throughput
+        under contention (fewer hand-offs) and longer waits; 0 gives strict
         first come, first served.
     leak_threshold (None)
         Log a WARNING with the borrower's stack when a lease is held longer.
@@ -429,8 +436,11 @@ class ConnectionPool:
                                                   allow_zero=False)
         self.probe_after = _required_duration("probe_after", probe_after)
         self.fairness_threshold = _required_duration("fairness_threshold", fairness_threshold)
-        self._handoff_after = self.fairness_threshold  # adapted under the lock
-        self._hold_avg = 0.0
+        # Barging stops once the oldest waiter has waited this long; the rest
+        # of fairness_threshold is the margin for the hand-off itself (the
+        # wait for the next return and the woken thread's wake-up).
+        self._handoff_after = (max(_MIN_HANDOFF_AFTER, self.fairness_threshold * _HANDOFF_SHARE)
+                               if self.fairness_threshold > 0 else 0.0)
         self.leak_threshold = _check_duration("leak_threshold", leak_threshold,
                                               allow_zero=False)
         self.reconnect_initial = _required_duration("reconnect_initial", reconnect_initial,
@@ -698,7 +708,37 @@ class ConnectionPool:
         except IndexError:
             pass
         tls.released = now
+        try:
+            stale = now - self._idle[0].returned > _LOOP_GAP
+        except IndexError:
+            stale = False
+        if stale:
+            # A connector kept by a looping thread that did not come back
+            # (its loop ended) while callers wait: hand it over now rather
+            # than at a waiter's timed wake-up.
+            self._hand_out_stranded(now)
         return True
+
+    def _hand_out_stranded(self, now: float) -> None:
+        with self._lock:
+            idle = self._idle
+            while self._waiters:
+                try:
+                    oldest = idle[0]
+                except IndexError:
+                    return
+                if now - oldest.returned <= _LOOP_GAP:
+                    return
+                # Only fast-path checkouts pop without the lock, from the
+                # right: popleft gives ``oldest`` unless they took it.
+                try:
+                    got = idle.popleft()
+                except IndexError:
+                    return
+                if got is not oldest:  # pragma: no cover - see above
+                    idle.appendleft(got)
+                    return
+                self._handoff(got)
 
     def _pop_idle(self) -> _Slot | None:
         # The newest idle slot, or None.  Pop and catch, never check and pop:
@@ -783,10 +823,13 @@ class ConnectionPool:
             self._ensure_bg()  # first use in a forked child
         # Wait outside the pool lock.  No wake-up is needed when this waiter
         # becomes overdue: from then on the lease paths see it and hand
-        # connectors over instead of barging.  The timed wake-ups only bound
-        # how long a connector left idle by a barging thread that did not come
-        # back goes unnoticed; each costs a thread switch, so they are rare.
-        slice_ = min(max(4 * self._handoff_after, 0.005), 0.05)
+        # connectors over instead of barging, which serves it within about
+        # one hold.  The first timed wake-up, 1 ms after that (5 ms after
+        # the request at the earliest), catches a connector left idle by
+        # looping threads that did not come back (their loops ended); each
+        # wake-up costs a thread switch, so later ones back off.
+        ha = self._handoff_after
+        slice_ = max(0.005, start + ha + 0.001 - _monotonic())
         while True:
             left = deadline - _monotonic()
             got = waiter.lock.acquire(timeout=min(max(left, 0.0), slice_)) if left > 0 else False
@@ -822,7 +865,7 @@ class ConnectionPool:
                     self._c["timeouts"] += 1
                     raise PoolTimeout(self._timeout_message(timeout))
                 self._maybe_grow()
-            slice_ = min(slice_ * 2, 0.25)
+            slice_ = min(max(slice_ * 2, 0.005), 0.25)
         waited = _monotonic() - start
         with lock:
             c = self._c
@@ -931,18 +974,6 @@ class ConnectionPool:
             else:
                 wake = False
                 waiters = self._waiters
-                if waiters:
-                    # The hand-off threshold follows the load: a few times the
-                    # wait a fair share implies (mean hold x waiters per
-                    # connector), capped by fairness_threshold.  Barging saves
-                    # one thread wake-up per lease; it is worth the most when
-                    # holds are short, and is cut short when they are long.
-                    ha = self._hold_avg
-                    ha += (now - slot.leased_at - ha) * 0.05
-                    self._hold_avg = ha
-                    self._handoff_after = min(self.fairness_threshold, max(
-                        _MIN_HANDOFF_AFTER,
-                        _FAIR_WAITS * ha * len(waiters) / (self._size or 1)))
                 if waiters and (not looper or
                                 now - waiters[0].since >= self._handoff_after):
                     self._handoff(slot)
