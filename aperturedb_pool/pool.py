@@ -12,30 +12,45 @@ taken under the lock; waiting (on a waiter's own lock) and I/O (probes, opening,
 closing, pinging) happen outside it.
 
 The exception is ``_idle``, the deque of idle slots.  Its single-item
-operations (``append``, ``pop``, ``popleft``, ``remove``, ``copy``) are atomic
-(one C call each, under the GIL; under a critical section of the deque in
-free-threaded builds), so the Lease fast paths use it without the pool lock:
-checkout is ``_idle.pop()`` when nobody waits, return is ``_idle.append()``.
-Rules that make this safe:
+operations (``append``, ``pop``, ``popleft``, ``remove``, ``copy``, ``[0]``)
+are atomic: one C call each, holding the GIL throughout (``remove`` compares
+by identity because ``_Slot`` defines no ``__eq__``, so no Python code runs
+inside it).  The Lease fast paths use ``_idle`` without the pool lock:
+checkout is ``_idle.pop()`` (when nobody waits, or barging is allowed: see
+"Fairness"), return is ``_idle.append()``.  Rules that make this safe:
 
-* Whoever removes a slot from ``_idle`` owns it.  Code under the lock never
-  checks ``_idle`` and then pops: it pops and handles ``IndexError``
-  (``_pop_idle``), because a fast-path caller may have taken the last slot in
-  between.  Nothing iterates ``_idle`` itself: scans use ``_idle.copy()``.
+* Ownership: whoever removes a slot from ``_idle`` owns it, and only the
+  owner of a slot puts it back (a return, a hand-off, the maintenance thread
+  after a ping, an opener with a new connector).  A slot is therefore never in
+  ``_idle`` twice, never in ``_idle`` while someone holds it, and never handed
+  to two holders.
+* Code under the lock never checks ``_idle`` and then pops: it pops and
+  handles ``IndexError`` (``_pop_idle``), because a fast-path caller may have
+  taken the last slot in between.  Nothing iterates ``_idle`` itself: scans
+  use ``_idle.copy()``, and decide again after their ``remove()`` succeeds
+  (the slot may have been leased and returned since the copy).
 * ``_idle`` is never replaced (only in a forked child, where one thread exists).
-* A fast return appends first and reads ``_waiters`` and ``_closed`` second; a
+* A fast return appends first and reads ``_waiters`` and ``_fast`` second; a
   new waiter is added to ``_waiters`` first and pops ``_idle`` second (under
   the lock).  Either the waiter finds the returned slot, or the returning
   thread sees the waiter and settles under the lock (``_settle``: hand idle
-  slots to waiters, or close them if the pool closed).  ``close()`` sets
-  ``_closed`` before draining ``_idle`` the same way.
+  slots to waiters, or close them if the pool closed).  ``close()`` clears
+  ``_fast`` before draining ``_idle`` the same way.  A looping thread's
+  keep-return (``_keeps_for``) deliberately leaves its slot idle although
+  callers wait: it re-reads only ``_fast``; waiters reach such slots through
+  the lease paths once they are overdue, a later looping return
+  (``_hand_out_stranded``), or their own timed wake-up.
 * A fast checkout re-checks what it needs after the pop (generation, expiry,
-  closed, the probe); a slot that fails goes back through the locked path to
-  be dropped.
-* The fast paths read ``_waiters``, ``_closed`` and ``_generation`` without
-  the lock.  Such a read only picks the path; what it decided is re-checked as
-  above, so a stale value costs a detour through the locked path, never a
-  wrong hand-out.
+  ``_fast``, the probe); a slot that fails goes through the locked path to be
+  dropped.
+* The fast paths read ``_fast``, ``_waiters`` (and the oldest waiter's
+  ``since``), ``_handoff_after``, ``_generation`` and ``probe_after`` without
+  the lock.  Such a read only picks the path; what matters is re-checked as
+  above, so a stale value costs a detour through the locked path or a later
+  hand-off, never a wrong hand-out.
+* Free-threaded builds (no GIL) are not claimed: the handshake above needs the
+  append to one deque to be visible before the read of the other, which the
+  GIL's total order gives and per-object locks are not argued to give here.
 
 Each waiter owns a ``threading.Lock`` that is created locked; a connector is
 handed to the waiter by setting ``waiter.slot`` under the pool lock, removing
@@ -50,7 +65,18 @@ and the connector wrappers).  The maintenance thread removes an idle slot from
 ``_idle`` (``remove``, under the lock) before pinging it, so a ping and a lease
 never overlap.  Counts that include slots in passage between ``_idle`` and a
 leaseholder (``leased`` in the stats) are exact whenever no fast path runs at
-that instant, and off by the slots in passage otherwise.
+that instant, and off by the slots in passage otherwise; a retired slot that a
+racing return appended after ``retire_all()`` counts as idle until the next
+checkout or maintenance round drops it.
+
+A waiter interrupted while it waits (KeyboardInterrupt, an exception from a
+signal handler) leaves the queue, and a connector handed to it at that moment
+is put back (``_abandon_wait``).  An asynchronous exception that lands inside
+a fast path, between its ``_idle`` operation and the next statement, can
+still strand one slot: it stays counted as leased (the pool serves with one
+connector fewer) and its connector stays open until ``close(timeout)`` shuts
+it down or the process exits.  Nothing short of a lock around the hot path
+closes that window.
 
 Fairness
 --------
@@ -224,8 +250,8 @@ class Lease:
         # in the module doc) and is inlined here because a lease is the
         # pool's hot path: keep its rules the same as ConnectionPool._acquire,
         # which handles every other case.  ``_fast`` is cleared by close()
-        # before it drains _idle: a checkout that saw it set is one that began
-        # before the close, like any lease still held when close() is called.
+        # before it drains _idle, and read again after the pop: a slot that a
+        # racing return appended after the drain is closed, not handed out.
         pool = self._pool
         if self._slot is None and pool._fast and (not pool._waiters or pool._may_barge()):
             try:
@@ -235,6 +261,7 @@ class Lease:
             else:
                 now = _monotonic()
                 if (slot.generation == pool._generation and now < slot.expires and
+                        pool._fast and
                         (now - slot.returned <= pool.probe_after or slot.poller is None or
                          not pool._unhealthy(slot))):
                     slot.uses += 1
@@ -767,10 +794,17 @@ class ConnectionPool:
                 for slot in self._take_all_idle():
                     self._drop(slot, "closed")
             else:
+                now = _monotonic()
                 while self._waiters:
                     got = self._pop_idle()
                     if got is None:
                         break
+                    if got.generation != self._generation or now >= got.expires:
+                        # Not worth a waiter's turn: drop it, ask for another.
+                        self._drop(got, "retired" if got.generation != self._generation
+                                   else "expired")
+                        self._maybe_grow()
+                        continue
                     self._handoff(got)
         if closed:
             self._close_pending()
@@ -794,6 +828,12 @@ class ConnectionPool:
                 slot = self._pop_idle()
                 if slot is not None:
                     return slot
+            if self._waiters and start - self._waiters[0].since >= self._handoff_after:
+                # An idle connector is owed to a starving waiter: hand it over
+                # (which also frees its place in the queue) and queue behind.
+                slot = self._pop_idle()
+                if slot is not None:
+                    self._handoff(slot)
             if self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
                 self._c["rejected_waiters"] += 1
                 raise TooManyWaiters(
@@ -801,12 +841,6 @@ class ConnectionPool:
                     f"(max_waiting={self.max_waiting}); size {self._size}/{self.max_size}, "
                     f"leased {self._leased_count()}. Raise max_waiting or max_size, or shed "
                     f"load")
-            if self._waiters and start - self._waiters[0].since >= self._handoff_after:
-                # An idle connector is owed to a starving waiter: hand it over
-                # and queue behind.
-                slot = self._pop_idle()
-                if slot is not None:
-                    self._handoff(slot)
             self._waiters.append(waiter)
             # Appended before this second look (see "Locking"): a fast return
             # either left its slot for this look or sees the waiter.
@@ -819,6 +853,41 @@ class ConnectionPool:
                     return slot
                 self._handoff(slot)
             self._maybe_grow()
+        try:
+            return self._wait_queued(waiter, start, deadline, timeout)
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, a signal handler) or failed:
+            # never leave a queued waiter behind, nor a connector handed to it.
+            self._abandon_wait(waiter)
+            raise
+
+    def _abandon_wait(self, waiter: _Waiter) -> None:
+        with self._lock:
+            self._remove_waiter(waiter)
+            slot, waiter.slot = waiter.slot, None
+            if slot is not None:
+                self._put_back(slot)
+        self._close_pending_if_closed()
+
+    def _put_back(self, slot: _Slot) -> None:
+        # Under the lock: a slot taken for someone who will not use it.
+        if self._closed or slot.generation != self._generation:
+            self._drop(slot, "closed" if self._closed else "retired")
+        elif self._waiters:
+            self._handoff(slot)
+        else:
+            self._idle.append(slot)
+
+    def _close_pending_if_closed(self) -> None:
+        # After close() the background thread is gone: whoever drops a
+        # connector then closes it.
+        if self._closed and self._to_close:
+            self._close_pending()
+
+    def _wait_queued(self, waiter: _Waiter, start: float, deadline: float,
+                     timeout: float) -> _Slot:
+        lock = self._lock
+        slot: _Slot | None
         if self._bg_thread is None and self._opened:
             self._ensure_bg()  # first use in a forked child
         # Wait outside the pool lock.  No wake-up is needed when this waiter
@@ -855,7 +924,7 @@ class ConnectionPool:
                         break
                     if self._waiters[0] is waiter:
                         self._waiters.popleft()
-                        slot = spare
+                        slot = waiter.slot = spare  # recorded: see _abandon_wait
                         break
                     self._handoff(spare)
                 if slot is not None:
@@ -873,6 +942,7 @@ class ConnectionPool:
             c["wait_time_total"] += waited
             if waited > c["wait_time_max"]:
                 c["wait_time_max"] = waited
+        waiter.slot = None  # the caller has it now
         return slot
 
     def _remove_waiter(self, waiter: _Waiter) -> None:
@@ -961,24 +1031,25 @@ class ConnectionPool:
                 # accounting any more.
                 self._to_close.append((slot.conn, "foreign"))
                 closed_now = True
-                return
-            if isinstance(error, OutcomeUnknown):
-                self._c["unknown_outcomes"] += 1
-            if drop_reason is not None or self._closed or slot.generation != self._generation:
-                if drop_reason is None:
-                    drop_reason = "closed" if self._closed else "retired"
-                self._drop(slot, drop_reason)
-                self._maybe_grow()
-                wake = True
-                closed_now = self._closed
-            else:
                 wake = False
-                waiters = self._waiters
-                if waiters and (not looper or
-                                now - waiters[0].since >= self._handoff_after):
-                    self._handoff(slot)
+            else:
+                if isinstance(error, OutcomeUnknown):
+                    self._c["unknown_outcomes"] += 1
+                if drop_reason is not None or self._closed or slot.generation != self._generation:
+                    if drop_reason is None:
+                        drop_reason = "closed" if self._closed else "retired"
+                    self._drop(slot, drop_reason)
+                    self._maybe_grow()
+                    wake = True
+                    closed_now = self._closed
                 else:
-                    self._idle.append(slot)
+                    wake = False
+                    waiters = self._waiters
+                    if waiters and (not looper or
+                                    now - waiters[0].since >= self._handoff_after):
+                        self._handoff(slot)
+                    else:
+                        self._idle.append(slot)
         finally:
             lock.release()
         if wake:
@@ -1327,6 +1398,7 @@ class ConnectionPool:
                     self._drop(slot, "reclaimed")
                     self._maybe_grow()
             self._bg_wakeup.set()
+            self._close_pending_if_closed()
 
     def _open_worker(self) -> None:
         ok = False
@@ -1338,6 +1410,7 @@ class ConnectionPool:
                 if not ok and not self._closed:
                     self._open_requests += 1
             self._bg_wakeup.set()
+            self._close_pending_if_closed()  # opened while close() ran
 
     def _open_one(self) -> bool:
         """Open one requested connector (background thread).  True on success."""
@@ -1408,22 +1481,20 @@ class ConnectionPool:
             excess = self._size - self.min_size
             idle = self._idle
             for slot in idle.copy():
-                if slot.generation != self._generation:
-                    verdict = "retired"
-                elif now >= slot.expires:
-                    verdict = "expired"
-                elif (self.max_idle is not None and excess > 0 and
-                      now - slot.returned >= self.max_idle):
-                    verdict = "idle"
-                elif self.keepalive_interval and now >= self._ping_due(slot):
-                    verdict = "ping"
-                else:
+                if self._idle_verdict(slot, now, excess) is None:
                     keep.append(slot)
                     continue
                 try:
                     idle.remove(slot)
                 except ValueError:
                     continue  # checked out meanwhile
+                # Ours now, and its fields cannot change any more: decide
+                # again (it may have been leased and returned since the copy).
+                verdict = self._idle_verdict(slot, now, excess)
+                if verdict is None:
+                    idle.appendleft(slot)
+                    keep.append(slot)
+                    continue
                 if verdict == "ping":
                     pings.append(slot)
                     self._pinging += 1
@@ -1459,6 +1530,19 @@ class ConnectionPool:
         self._close_pending()
         return next_round
 
+    def _idle_verdict(self, slot: _Slot, now: float, excess: int) -> str | None:
+        # Under the lock: what maintenance does with an idle slot (None: keep).
+        if slot.generation != self._generation:
+            return "retired"
+        if now >= slot.expires:
+            return "expired"
+        if (self.max_idle is not None and excess > 0 and
+                now - slot.returned >= self.max_idle):
+            return "idle"
+        if self.keepalive_interval and now >= self._ping_due(slot):
+            return "ping"
+        return None
+
     def _ping_due(self, slot: _Slot) -> float:
         # A connector used recently needs no ping: due one (jittered) interval
         # after its last use or ping, whichever is later.
@@ -1485,7 +1569,8 @@ class ConnectionPool:
             self._c["keepalive_pings"] += 1
             self._pinging -= 1
             if not ok or self._closed or slot.generation != self._generation:
-                self._drop(slot, "failed_ping" if not ok else "retired")
+                self._drop(slot, "failed_ping" if not ok else
+                           "closed" if self._closed else "retired")
             else:
                 # ``returned`` stays the time of the last use: max_idle counts
                 # from it, pings do not make a connector "used".

@@ -11,6 +11,7 @@ them.
 
 from __future__ import annotations
 
+import _thread
 import gc
 import logging
 import math
@@ -1406,3 +1407,145 @@ def test_a_return_that_is_not_part_of_a_loop_hands_over_at_once(
     lease.__exit__(None, None, None)  # the waiter is not overdue, yet is served now
     join(t)
     assert box["conn"] is conn
+
+
+# ---------------------------------------------------------------------------
+# interrupted waits, opens racing close(), maintenance racing the fast paths
+# ---------------------------------------------------------------------------
+
+
+def _stop_background(pool: ConnectionPool) -> None:
+    """End the maintenance thread so that the test alone runs _maintain."""
+    old = pool._bg_wakeup
+    pool._bg_wakeup = threading.Event()
+    old.set()
+    t = pool._bg_thread
+    assert t is not None
+    t.join(JOIN)
+    assert not t.is_alive()
+
+
+def test_a_waiter_interrupted_by_ctrl_c_leaves_nothing_behind(make_pool: Any) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("interrupt_main needs the test in the main thread")
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
+    held = pool.lease()
+    conn = held.__enter__()
+
+    def interrupt_when_queued() -> None:
+        wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+        _thread.interrupt_main()  # what Ctrl-C does
+
+    t, _ = start(interrupt_when_queued)
+    with pytest.raises(KeyboardInterrupt):
+        with pool.lease():
+            pass
+    join(t)
+    assert pool.stats().waiting == 0, "the interrupted caller is still queued"
+    held.__exit__(None, None, None)  # must not go to the interrupted caller
+    s = pool.stats()
+    assert (s.size, s.idle, s.leased) == (1, 1, 0)
+    with pool.lease(timeout=1.0) as again:
+        assert again is conn
+
+
+def test_a_connector_opened_while_close_runs_is_closed() -> None:
+    gate = threading.Event()
+    made: list[StandIn] = []
+
+    def slow_factory() -> StandIn:
+        assert gate.wait(JOIN)  # a connect still running when close() returns
+        c = StandIn()
+        made.append(c)
+        return c
+
+    pool = ConnectionPool(connector_factory=slow_factory, min_size=1, max_size=1,
+                          timeout=JOIN)
+    try:
+        wait_until(lambda: pool._opens_running == 1, what="the opener to start")
+        pool.close()
+    finally:
+        gate.set()
+    wait_until(lambda: made and made[0].closed, what="the late connector closed")
+    assert pool.stats().size == 0
+
+
+def test_maintenance_decides_again_after_taking_a_slot(make_pool: Any) -> None:
+    # _maintain decides on a copy of _idle; a checkout and return of the same
+    # slot can run between that decision and its remove().  The connector was
+    # just used: it must not be closed as idle.
+    pool = make_pool(min_size=0, max_size=1, max_idle=600.0, max_lifetime=None,
+                     keepalive_interval=None)
+    with pool.lease() as conn:
+        pass
+    _stop_background(pool)
+    slot = pool._idle[0]
+    slot.returned -= 1000.0  # idle for 1000 s: due to be closed (max_idle)
+
+    class RemoveHook(deque):  # type: ignore[type-arg]
+        before_remove: Callable[[], None] | None = None
+
+        def remove(self, x: Any) -> None:
+            hook, self.before_remove = self.before_remove, None
+            if hook is not None:
+                hook()
+            super().remove(x)
+
+    def use_it_now() -> None:
+        with pool.lease() as c:
+            c.query([{"FindEntity": {}}])
+
+    pool._idle = RemoveHook(pool._idle)
+    pool._idle.before_remove = use_it_now
+    pool._maintain(time.monotonic())
+    s = pool.stats()
+    assert dict(s.discarded) == {} and (s.size, s.idle) == (1, 1)
+    assert not conn.closed
+
+
+def test_a_fast_checkout_racing_close_gets_pool_closed(make_pool: Any) -> None:
+    # The checkout read the pool as open; close() then ran to the end, and a
+    # return that had also read it as open appended its slot: the checkout
+    # pops that slot and must still refuse it.
+    pool = make_pool(min_size=1, max_size=1)
+    held = pool.lease()
+    conn = held.__enter__()
+
+    class PopHook(deque):  # type: ignore[type-arg]
+        before_pop: Callable[[], None] | None = None
+
+        def pop(self) -> Any:
+            hook, self.before_pop = self.before_pop, None
+            if hook is not None:
+                hook()
+            return super().pop()
+
+    def close_then_return() -> None:
+        pool.close()
+        slot = held._slot
+        held._slot = pool_mod._RELEASED  # the first half of a fast return
+        slot.returned = time.monotonic()
+        deque.append(pool._idle, slot)
+
+    pool._idle = PopHook(pool._idle)
+    pool._idle.before_pop = close_then_return
+    with pytest.raises(PoolClosed):
+        with pool.lease():
+            pass
+    assert conn.closed
+    assert pool.stats().size == 0
+
+
+def test_a_lease_taken_before_a_fork_is_closed_when_returned_in_the_child(
+        make_pool: Any, template: StandIn) -> None:
+    # What the child's at-fork hook does, run in place: the pool forgets the
+    # parent's connectors.  One of them, leased across the fork, comes back:
+    # it is closed (the child's copy), never pooled.
+    pool = make_pool(min_size=2, max_size=2)
+    held = pool.lease()
+    conn = held.__enter__()
+    pool._after_fork_in_child()
+    held.__exit__(None, None, None)
+    assert conn.closed
+    with pool.lease() as fresh:
+        assert fresh is not conn and fresh not in template.clones[:2]
