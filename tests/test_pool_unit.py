@@ -1168,16 +1168,31 @@ def test_fast_paths_with_background_churn_never_share_and_count_exactly(
 
 
 class _HookedDeque(deque):  # type: ignore[type-arg]
-    """An idle deque that runs ``before_append`` once, just before an append:
-    to force one interleaving of a fast return with another thread."""
+    """A deque that runs a hook once, just before an append, a pop or a
+    remove: to force one interleaving of the pool's lock-free paths with
+    another thread's work."""
 
     before_append: Callable[[], None] | None = None
+    before_pop: Callable[[], None] | None = None
+    before_remove: Callable[[], None] | None = None
 
-    def append(self, x: Any) -> None:
-        hook, self.before_append = self.before_append, None
+    def _run(self, name: str) -> None:
+        hook = getattr(self, name)
+        setattr(self, name, None)
         if hook is not None:
             hook()
+
+    def append(self, x: Any) -> None:
+        self._run("before_append")
         super().append(x)
+
+    def pop(self) -> Any:  # type: ignore[override]
+        self._run("before_pop")
+        return super().pop()
+
+    def remove(self, x: Any) -> None:
+        self._run("before_remove")
+        super().remove(x)
 
 
 def test_a_waiter_that_arrives_during_a_fast_return_is_handed_the_connector(
@@ -1482,20 +1497,11 @@ def test_maintenance_decides_again_after_taking_a_slot(make_pool: Any) -> None:
     slot = pool._idle[0]
     slot.returned -= 1000.0  # idle for 1000 s: due to be closed (max_idle)
 
-    class RemoveHook(deque):  # type: ignore[type-arg]
-        before_remove: Callable[[], None] | None = None
-
-        def remove(self, x: Any) -> None:
-            hook, self.before_remove = self.before_remove, None
-            if hook is not None:
-                hook()
-            super().remove(x)
-
     def use_it_now() -> None:
         with pool.lease() as c:
             c.query([{"FindEntity": {}}])
 
-    pool._idle = RemoveHook(pool._idle)
+    pool._idle = _HookedDeque(pool._idle)
     pool._idle.before_remove = use_it_now
     pool._maintain(time.monotonic())
     s = pool.stats()
@@ -1511,15 +1517,6 @@ def test_a_fast_checkout_racing_close_gets_pool_closed(make_pool: Any) -> None:
     held = pool.lease()
     conn = held.__enter__()
 
-    class PopHook(deque):  # type: ignore[type-arg]
-        before_pop: Callable[[], None] | None = None
-
-        def pop(self) -> Any:
-            hook, self.before_pop = self.before_pop, None
-            if hook is not None:
-                hook()
-            return super().pop()
-
     def close_then_return() -> None:
         pool.close()
         slot = held._slot
@@ -1527,7 +1524,7 @@ def test_a_fast_checkout_racing_close_gets_pool_closed(make_pool: Any) -> None:
         slot.returned = time.monotonic()
         deque.append(pool._idle, slot)
 
-    pool._idle = PopHook(pool._idle)
+    pool._idle = _HookedDeque(pool._idle)
     pool._idle.before_pop = close_then_return
     with pytest.raises(PoolClosed):
         with pool.lease():
