@@ -503,7 +503,8 @@ class ConnectionPool:
                 raise TypeError(f"connector_factory must be callable, got {connector_factory!r}")
             self._clone = connector_factory
 
-        from aperturedb_pool.retry import RetryPolicy
+        from aperturedb_pool.retry import RetryPolicy, is_read_only
+        self._is_read_only = is_read_only  # for query(): no import statement per call
         if retry is None:
             retry = RetryPolicy()
         elif not isinstance(retry, RetryPolicy):
@@ -1229,11 +1230,15 @@ class ConnectionPool:
         query, and the query is never re-sent.  ``timeout`` is the per-query
         socket timeout (default: the pool's ``query_timeout``).
         """
-        from aperturedb_pool.retry import is_read_only
         if idempotent is None:
-            idempotent = is_read_only(q)
-        qt = _check_duration("timeout", timeout, allow_zero=False)
+            idempotent = self._is_read_only(q)
         blobs = [] if blobs is None else blobs
+        if timeout is None:
+            # The common case: the attempt is conn.query(q, blobs), run by
+            # _run_policy itself (no closure per call).
+            return self._run_policy(None, idempotent=idempotent, retry=retry,
+                                    describe=lambda: _describe_query(q), q=q, blobs=blobs)
+        qt = _check_duration("timeout", timeout, allow_zero=False)
 
         def attempt(conn: Any) -> Any:
             if qt is None:
@@ -1251,7 +1256,7 @@ class ConnectionPool:
                     pass
 
         return self._run_policy(attempt, idempotent=idempotent, retry=retry,
-                                describe=_describe_query(q))
+                                describe=lambda: _describe_query(q))
 
     def run(self, fn: Callable[..., T], *args: Any, retry: Any = None, **kwargs: Any) -> T:
         """Run ``fn(conn, *args, **kwargs)`` with a leased connector, under the policy.
@@ -1265,8 +1270,9 @@ class ConnectionPool:
         return self._run_policy(lambda conn: fn(conn, *args, **kwargs), idempotent=idem,
                                 retry=retry, describe=getattr(fn, "__name__", "callable"))
 
-    def _run_policy(self, body: Callable[[Any], T], *, idempotent: bool, retry: Any,
-                    describe: str) -> T:
+    def _run_policy(self, body: Callable[[Any], T] | None, *, idempotent: bool, retry: Any,
+                    describe: str | Callable[[], str], q: Any = None, blobs: Any = None) -> T:
+        # body None: each attempt is conn.query(q, blobs).
         policy = self.retry if retry is None else retry
 
         def one_attempt(remaining: float | None) -> T:
@@ -1288,7 +1294,7 @@ class ConnectionPool:
             slot = lease._slot
             reached = slot.phase.reached if slot is not None else 0
             try:
-                result = body(conn)
+                result = conn.query(q, blobs) if body is None else body(conn)
             except BaseException as e:
                 lease.__exit__(type(e), e, None)  # counts an unknown outcome
                 if (isinstance(e, ConnectFailed) and not idempotent and slot is not None and
@@ -1296,7 +1302,8 @@ class ConnectionPool:
                     # This query was not sent, but an earlier one of the same
                     # unit may have run: the unit as a whole must not be re-run.
                     unknown = OutcomeUnknown(
-                        f"{describe}: the connection failed after an earlier query of this "
+                        f"{describe if isinstance(describe, str) else describe()}: the "
+                        f"connection failed after an earlier query of this "
                         f"unit reached the server ({e}); the unit may have partly run, and is "
                         f"not re-run because it is not declared idempotent", query=e.query)
                     self._count("unknown_outcomes")
@@ -1305,15 +1312,15 @@ class ConnectionPool:
             lease.__exit__(None, None, None)
             return result
 
-        def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
-            self._count("retries")
-
         try:
             return policy.call(one_attempt, idempotent=idempotent, describe=describe,
-                               on_retry=on_retry)
+                               on_retry=self._on_retry)
         except (ConnectorError, ServerUnreachable):
             self._count("give_ups")
             raise
+
+    def _on_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
+        self._count("retries")
 
     # -- background work -------------------------------------------------------
     def _ensure_bg(self) -> None:

@@ -119,6 +119,10 @@ def _is_read_only_command(name: str) -> bool:
     return False
 
 
+def _label(describe: str | Callable[[], str]) -> str:
+    return describe if isinstance(describe, str) else describe()
+
+
 def is_read_only(query: Any) -> bool:
     """True when every command of ``query`` only reads, so re-sending it is safe.
 
@@ -147,12 +151,16 @@ def is_read_only(query: Any) -> bool:
     if not isinstance(query, (list, tuple)) or not query:
         return False
     for command in query:
-        if not isinstance(command, Mapping) or len(command) != 1:
+        # ``type(x) is dict`` first: JSON-shaped queries are plain dicts, and
+        # the Mapping check (an ABC) costs several times more.
+        if not (type(command) is dict or isinstance(command, Mapping)) or len(command) != 1:
             return False
         ((name, body),) = command.items()
-        if not isinstance(name, str) or not isinstance(body, Mapping):
+        if type(name) is not str and not isinstance(name, str):
             return False
-        if not _is_read_only_command(name):
+        if not (type(body) is dict or isinstance(body, Mapping)):
+            return False
+        if name not in READ_ONLY_COMMANDS and not _is_read_only_command(name):
             return False
     return True
 
@@ -440,7 +448,7 @@ class RetryPolicy:
         fn: Callable[[float | None], T],
         *,
         idempotent: bool,
-        describe: str = "query",
+        describe: str | Callable[[], str] = "query",
         sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
@@ -459,7 +467,8 @@ class RetryPolicy:
         calls ``on_retry(attempt, error, delay)``, where ``attempt`` is the
         1-based number of the attempt that just failed; an exception raised by
         ``on_retry`` propagates.  ``describe`` names the call in log lines and
-        messages.  ``sleep``, ``clock`` (default ``time.monotonic``) and
+        messages; a callable is called only if a label is needed (after a
+        failure), so a caller need not build one for every call.  ``sleep``, ``clock`` (default ``time.monotonic``) and
         ``rng`` exist so tests run without waiting.
 
         Errors:
@@ -494,10 +503,11 @@ class RetryPolicy:
             failures.append(exc)
             if self.max_attempts == 1 or not self.is_retryable(exc, idempotent=idempotent):
                 exc.attempts = []
-                _add_note(exc, self._not_retried_note(exc, idempotent, _scrub(describe)))
+                _add_note(exc, self._not_retried_note(exc, idempotent,
+                                                      _scrub(_label(describe))))
                 raise
             replay: list[ConnectorError] = [exc]
-        label = _scrub(describe)
+        label = _scrub(_label(describe))
 
         def attempt() -> T:
             if replay:

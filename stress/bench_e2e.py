@@ -1,6 +1,6 @@
 """End-to-end benchmark: the real SDK Connector against the embedded server in its own process.
 
-    python stress/bench_e2e.py [--duration 1.5] [--rounds 10] [--quick] [--json]
+    python stress/bench_e2e.py [--duration 1.5] [--rounds 10] [--quick] [--no-pin] [--json]
 
 ``GetStatus`` queries for a fixed duration, in these configurations:
 
@@ -12,10 +12,21 @@ ours-32    (c) 32 threads sharing our pool of 8, leasing for every query
 sdk-8      (d) the SDK's ``aperturedb.ConnectionPool.ConnectionPool(pool_size=8,
            connection_factory=template.clone)``, 8 threads (``get_connection()``)
 sdk-32     (d) the same SDK pool, 32 threads
+ours-32-f50 (info) ours-32 with ``fairness_threshold=0.05``: fewer hand-offs
+           (each costs a thread switch), longer waits
 ours-q-8   (info) 8 threads calling ``pool.query(q)`` (lease + retry policy)
 ded-32     (info) 32 threads, each with its own clone (32 connections): what 32
            client threads cost without any pool (the GIL, the server's 32 sockets)
 =========  ========================================================================
+
+Pinning (default on machines with 2 or more CPUs; ``--no-pin`` to turn it
+off): the server process runs on CPU 1 and this process (every client
+thread) on CPU 0.  Unpinned, client threads and server share both cores and
+the figures swing between scheduling regimes (the same configuration measures
+0.6 or 1.2 of itself from one slice to the next); pinned, the client is one
+GIL-bound core, so queries/s measures what the client spends per query, which
+is what a pool can change.  The client's CPU time per query (``cpu_us``,
+``time.process_time`` over the slice) is reported too.
 
 Machine drift is large here (2 cores shared by client, server and whatever
 else runs), so every measurement of a configuration is paired with a
@@ -46,7 +57,8 @@ os.environ.setdefault("ADB_LOG_FILE", "")
 from _benchkit import jain_index, machine_facts  # noqa: E402
 
 Q = [{"GetStatus": {}}]
-CONFIGS = ("dedicated", "ours-8", "ours-32", "sdk-8", "sdk-32", "ours-q-8", "ded-32")
+CONFIGS = ("dedicated", "ours-8", "ours-32", "sdk-8", "sdk-32", "ours-32-f50", "ours-q-8",
+           "ded-32")
 TARGETS = {"ours-8": 0.97, "ours-32": 0.97}
 
 
@@ -77,14 +89,17 @@ def measure(threads: int, make_body: Callable[[int], Callable[[], Any]],
         t.start()
     barrier.wait()
     t0 = time.perf_counter()
+    c0 = time.process_time()
     time.sleep(duration)
     stop.set()
     t1 = time.perf_counter()
+    c1 = time.process_time()
     for t in ts:
         t.join(30)
     total = sum(counts)
     mean = total / threads if threads else 0
     return {"qps": total / (t1 - t0), "queries": total, "threads": threads,
+            "cpu_us": (c1 - c0) / total * 1e6 if total else float("nan"),
             "jain": jain_index(counts), "starved": sum(1 for c in counts if c < 0.1 * mean),
             "min": min(counts), "max": max(counts), "errors": errors[:3]}
 
@@ -97,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated configurations "
                                                 "(dedicated is always run)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the server to CPU 1 and the client to CPU 0")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     duration = a.duration or (1.0 if a.quick else 1.5)
@@ -114,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     from aperturedb_pool.testing import ServerProcess
 
     with ServerProcess("127.0.0.1", 0) as srv:
+        pinned = not a.no_pin and _pin(srv)
         template = srv.connector()
         dedicated = [template.clone() for _ in range(32)]
         for c in dedicated:
             c.query(Q)
         ours = ConnectionPool(template, min_size=8, max_size=8, name="e2e")
         ours.wait_ready(30)
+        ours50 = ConnectionPool(template, min_size=8, max_size=8, name="e2e-f50",
+                                fairness_threshold=0.05)
+        ours50.wait_ready(30)
         sdk = SDKPool(pool_size=8, connection_factory=template.clone)
         # Connect all 8 SDK connectors up front, as ours are (wait_ready).
         warm = [sdk._pool.get() for _ in range(8)]
@@ -128,13 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         for c in warm:
             sdk._pool.put(c)
 
-        def ours_lease(i: int) -> Callable[[], Any]:
-            lease = ours.lease
+        def leasing(pool: Any) -> Callable[[int], Callable[[], Any]]:
+            def make(i: int) -> Callable[[], Any]:
+                lease = pool.lease
 
-            def body() -> Any:
-                with lease() as conn:
-                    return conn.query(Q)
-            return body
+                def body() -> Any:
+                    with lease() as conn:
+                        return conn.query(Q)
+                return body
+            return make
+
+        ours_lease = leasing(ours)
 
         def ours_query(i: int) -> Callable[[], Any]:
             return lambda: ours.query(Q)
@@ -154,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         plan: dict[str, tuple[int, Callable[[int], Callable[[], Any]]]] = {
             "dedicated": (8, dedicated_body), "ours-8": (8, ours_lease),
             "ours-32": (32, ours_lease), "sdk-8": (8, sdk_lease), "sdk-32": (32, sdk_lease),
+            "ours-32-f50": (32, leasing(ours50)),
             "ours-q-8": (8, ours_query), "ded-32": (32, dedicated_body),
         }
         # Warm-up, not recorded.
@@ -180,11 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         counters = srv.counters()
         ours_stats = ours.stats()
         ours.close()
+        ours50.close()
         sdk.close()
         for c in dedicated:
             c.close()
 
     report: dict[str, Any] = {"machine": machine_facts(), "duration_s": duration,
+                              "pinned": pinned,
                               "rounds": rounds, "configs": {},
                               "sharing_violations": counters["sharing_violations"],
                               "ours_pool_discarded": dict(ours_stats.discarded)}
@@ -198,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_vs_dedicated_median": statistics.median(ratios) if ratios else None,
             "ratio_runs": [round(x, 3) for x in ratios] if name != "dedicated" else [],
             "jain_median": statistics.median(x["jain"] for x in rs),
+            "cpu_us_median": statistics.median(x["cpu_us"] for x in rs),
             "starved_max": max(x["starved"] for x in rs),
             "errors": [e for x in rs for e in x["errors"]][:3],
         }
@@ -207,25 +236,41 @@ def main(argv: list[str] | None = None) -> int:
     m = report["machine"]
     print(f"end to end, GetStatus, real aperturedb.Connector {_sdk_version()} -> embedded "
           f"server (separate process); {rounds} rounds, each configuration paired with "
-          f"dedicated, {duration:g} s per measurement")
+          f"dedicated, {duration:g} s per measurement; "
+          + ("server pinned to CPU 1, client to CPU 0" if report["pinned"] else "not pinned"))
     print(f"machine: {m['nproc']} cores, {m['cpu']}, Python {m['python']}, "
           f"load {m['loadavg_1m']}, {m['date']}, git {m['git']}")
-    hdr = f"{'config':<10} {'threads':>7} {'q/s (median)':>12} {'vs (a) median':>13} " \
-          f"{'jain':>6} {'starved':>7}  {'target':<16} paired ratios by round"
+    hdr = f"{'config':<11} {'threads':>7} {'q/s (median)':>12} {'vs (a) median':>13} " \
+          f"{'cpu_us':>6} {'jain':>6} {'starved':>7}  {'target':<16} paired ratios by round"
     print(hdr)
     for name, c in report["configs"].items():
         ratio = c["ratio_vs_dedicated_median"]
         target = TARGETS.get(name)
         verdict = "" if target is None else (f">= {target}: " +
                                              ("met" if ratio >= target else "MISSED"))
-        print(f"{name:<10} {c['threads']:>7} {c['qps_median']:>12.0f} {ratio:>13.3f} "
-              f"{c['jain_median']:>6.3f} {c['starved_max']:>7}  {verdict:<16} "
+        print(f"{name:<11} {c['threads']:>7} {c['qps_median']:>12.0f} {ratio:>13.3f} "
+              f"{c['cpu_us_median']:>6.1f} {c['jain_median']:>6.3f} {c['starved_max']:>7}  "
+              f"{verdict:<16} "
               f"{' '.join(f'{x:.2f}' for x in c['ratio_runs'])}")
         if c["errors"]:
             print(f"  errors: {c['errors']}")
     print(f"sharing violations: {report['sharing_violations']}; our pool discarded: "
           f"{report['ours_pool_discarded'] or 'none'}")
     return 0
+
+
+def _pin(srv: Any) -> bool:
+    """Server on CPU 1, this process on CPU 0; False where that is not possible."""
+    setaff = getattr(os, "sched_setaffinity", None)
+    if setaff is None or len(os.sched_getaffinity(0)) < 2:
+        return False
+    cpus = sorted(os.sched_getaffinity(0))
+    try:
+        setaff(srv.pid, {cpus[1]})
+        setaff(0, {cpus[0]})
+    except OSError:
+        return False
+    return True
 
 
 def _sdk_version() -> str:
