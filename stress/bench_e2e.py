@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from aperturedb_pool import ConnectionPool
     from aperturedb_pool.testing import ServerProcess
 
+    facts = machine_facts()  # before pinning narrows this process to one CPU
     with ServerProcess("127.0.0.1", 0) as srv:
         pinned = not a.no_pin and _pin(srv)
         template = srv.connector()
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in dedicated:
             c.close()
 
-    report: dict[str, Any] = {"machine": machine_facts(), "duration_s": duration,
+    report: dict[str, Any] = {"machine": facts, "duration_s": duration,
                               "pinned": pinned,
                               "rounds": rounds, "configs": {},
                               "sharing_violations": counters["sharing_violations"],

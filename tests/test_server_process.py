@@ -133,3 +133,24 @@ def test_control_channel_can_be_disabled():
     with EmbeddedServer(control=False) as s:
         with pytest.raises(ConnectionError, match="no control channel"):
             ServerControl(*s.address).ping()
+
+
+def test_serve_freezes_what_survives_a_full_collection() -> None:
+    # The serve process keeps its store out of later full collections, so a
+    # large store does not stall every client for each one.  Run in a child:
+    # the hook changes the collector of the process it is installed in.
+    code = (
+        "import gc\n"
+        "from aperturedb_pool.testing.cli import _freeze_after_full_collections\n"
+        "_freeze_after_full_collections()\n"
+        "store = [{'k': i} for i in range(10000)]\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "gc.collect(1)\n"
+        "assert gc.get_freeze_count() == 0, 'froze after a young collection'\n"
+        "gc.collect()\n"
+        "assert gc.get_freeze_count() >= 10000, gc.get_freeze_count()\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
