@@ -325,6 +325,27 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         conn._recv_msg = _recv_msg
         conn.connect = connect
 
+        orig_refresh = getattr(conn, "_refresh_token", None)
+        if callable(orig_refresh):
+            def _refresh_token() -> Any:
+                # The SDK refreshes the shared session inside query(), before
+                # it sends the caller's query (or, after the server rejected
+                # the session, before it sends it again: the rejected request
+                # did not run).  A transport failure here means the caller's
+                # query did not run: ConnectFailed, which any policy may retry.
+                try:
+                    return orig_refresh()
+                except ConnectorError as e:
+                    if isinstance(e, ConnectFailed):
+                        raise
+                    err = ConnectFailed(
+                        f"refreshing the session over {where} failed ({e}); the query was "
+                        f"not sent")
+                    err.peer_closed = e.peer_closed
+                    raise err from e
+
+            conn._refresh_token = _refresh_token
+
     def query(q: Any, blobs: Any = None) -> Any:
         if slot.check_owner is not None:
             slot.check_owner()

@@ -642,6 +642,31 @@ def test_closed_before_the_request_with_checkout_probe(adb_server: Any,
     assert s.discarded.get("probe", 0) + s.discarded.get("retired", 0) == 1
 
 
+def test_a_lost_session_refresh_answer_leaves_the_write_unsent_and_retried(
+        adb_server: Any, make_pool: Any) -> None:
+    # The SDK refreshes the shared session inside query(), before it sends the
+    # caller's query.  The refresh runs on the server and its answer is lost:
+    # the write itself never left the client, so it is safe to send again.
+    template = adb_server.connector()
+    pool = make_pool(adb_server, template, min_size=1, max_size=2)
+    pool.wait_ready(JOIN)
+    template.shared_data.session.session_started -= 10_000  # due for a refresh
+    adb_server.close_after_next_request(execute=True, command="RefreshToken")
+    response, _ = pool.query(add(7))
+    assert response[0]["AddEntity"]["status"] == 0
+    assert [o["properties"]["tid"] for o in adb_server.dump()] == [7]
+    s = pool.stats()
+    assert s.retries == 1 and s.unknown_outcomes == 0
+    assert adb_server.counters()["requests_by_command"]["AddEntity"] == 1
+    # Through a lease, the caller sees the classification itself.
+    template.shared_data.session.session_started -= 10_000
+    adb_server.close_after_next_request(execute=True, command="RefreshToken")
+    with pytest.raises(ConnectFailed, match="not sent"):
+        with pool.lease() as conn:
+            conn.query(add(8))
+    assert [o["properties"]["tid"] for o in adb_server.dump()] == [7]
+
+
 def test_write_closed_after_execution_is_unknown_and_never_resent(adb_server: Any,
                                                                   make_pool: Any) -> None:
     pool = make_pool(adb_server, min_size=1, max_size=1)
