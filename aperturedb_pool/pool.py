@@ -926,6 +926,7 @@ class ConnectionPool:
                     if self._waiters[0] is waiter:
                         self._waiters.popleft()
                         slot = waiter.slot = spare  # recorded: see _abandon_wait
+                        self._count_wait(now - start)
                         break
                     self._handoff(spare)
                 if slot is not None:
@@ -936,13 +937,6 @@ class ConnectionPool:
                     raise PoolTimeout(self._timeout_message(timeout))
                 self._maybe_grow()
             slice_ = min(max(slice_ * 2, 0.005), 0.25)
-        waited = _monotonic() - start
-        with lock:
-            c = self._c
-            c["leases_waited"] += 1
-            c["wait_time_total"] += waited
-            if waited > c["wait_time_max"]:
-                c["wait_time_max"] = waited
         waiter.slot = None  # the caller has it now
         return slot
 
@@ -968,10 +962,21 @@ class ConnectionPool:
         return msg
 
     def _handoff(self, slot: _Slot) -> None:
-        # Under the lock: give slot to the oldest waiter.
+        # Under the lock: give slot to the oldest waiter.  Its wait is counted
+        # here, so the woken thread goes straight to its connector (the time
+        # it takes to wake up is time the connector sits unused).
         waiter = self._waiters.popleft()
+        self._count_wait(_monotonic() - waiter.since)
         waiter.slot = slot
         waiter.lock.release()
+
+    def _count_wait(self, waited: float) -> None:
+        # Under the lock.
+        c = self._c
+        c["leases_waited"] += 1
+        c["wait_time_total"] += waited
+        if waited > c["wait_time_max"]:
+            c["wait_time_max"] = waited
 
     def _leased_count(self) -> int:
         # Under the lock.  Slots in passage count as leased (see "Locking").
