@@ -1546,3 +1546,33 @@ def test_a_lease_taken_before_a_fork_is_closed_when_returned_in_the_child(
     assert conn.closed
     with pool.lease() as fresh:
         assert fresh is not conn and fresh not in template.clones[:2]
+
+
+def test_hand_offs_start_at_sixty_percent_of_the_fairness_threshold(
+        make_pool: Any, clock: ShiftedClock) -> None:
+    pool = make_pool(min_size=1, max_size=1, fairness_threshold=1.0, timeout=JOIN)
+    first = pool.acquire()
+    conn = first.conn
+    first.release()
+    lease = pool.lease()
+    assert lease.__enter__() is conn
+    done = threading.Event()
+
+    def waiter() -> None:
+        with pool.lease():
+            assert done.wait(JOIN)
+
+    t, box = start(waiter)
+    wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+    clock.advance(0.5)  # waited 50% of the threshold: the loop keeps its connector
+    lease.__exit__(None, None, None)
+    lease = pool.lease()
+    assert lease.__enter__() is conn
+    assert pool.stats().waiting == 1
+    clock.advance(0.2)  # 70%: overdue, the next return hands over
+    lease.__exit__(None, None, None)
+    s = pool.stats()
+    assert (s.waiting, s.leased, s.idle) == (0, 1, 0)
+    done.set()
+    join(t)
+    assert "error" not in box
