@@ -216,7 +216,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         # The SDK's own framing (not a subclass's override): the wrappers
         # below then do the framing themselves (write_frame/read_frame), one
         # Python call per message instead of a wrapper around the SDK's.
-        own = _is_sdk_framing(conn)
+        own = _is_sdk_framing(orig_send, orig_recv)
 
         def _send_msg(data: bytes) -> None:
             if phase.connecting:
@@ -293,6 +293,16 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 # to reconnect and renew the session inside the failed query:
                 # stop it there and raise the classified error instead.
                 raise phase.failed
+            if slot.in_flight:
+                # Any other reconnect inside a query: the SDK's loop caught an
+                # error that did not come from the wrappers (an OSError from a
+                # signal handler, say), or the connection was already gone.
+                # Re-sending is the retry policy's decision, never the SDK's.
+                if phase.sent:
+                    raise OutcomeUnknown(f"the connection to {where} failed during the query; "
+                                         f"the query may or may not have run")
+                raise ConnectFailed(f"the connection to {where} was lost before the query was "
+                                    f"sent; the query was not sent")
             phase.connecting = True
             try:
                 orig_connect_impl()
@@ -325,26 +335,17 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         conn._recv_msg = _recv_msg
         conn.connect = connect
 
-        orig_refresh = getattr(conn, "_refresh_token", None)
-        if callable(orig_refresh):
-            def _refresh_token() -> Any:
-                # The SDK refreshes the shared session inside query(), before
-                # it sends the caller's query (or, after the server rejected
-                # the session, before it sends it again: the rejected request
-                # did not run).  A transport failure here means the caller's
-                # query did not run: ConnectFailed, which any policy may retry.
-                try:
-                    return orig_refresh()
-                except ConnectorError as e:
-                    if isinstance(e, ConnectFailed):
-                        raise
-                    err = ConnectFailed(
-                        f"refreshing the session over {where} failed ({e}); the query was "
-                        f"not sent")
-                    err.peer_closed = e.peer_closed
-                    raise err from e
-
-            conn._refresh_token = _refresh_token
+        # The SDK refreshes the shared session (_refresh_token) or logs in
+        # (authenticate) inside query(), before it sends the caller's query
+        # (or, after the server rejected the session, before it sends it
+        # again: the rejected request did not run).  A transport failure there
+        # means the caller's query did not run: ConnectFailed, which any policy
+        # may retry.  (The SDK's other caller, its reconnect loop, never gets
+        # that far: connect() below refuses to reconnect inside a query.)
+        for name in ("_refresh_token", "authenticate"):
+            orig = getattr(conn, name, None)
+            if callable(orig):
+                setattr(conn, name, _before_the_query(orig, where))
 
     def query(q: Any, blobs: Any = None) -> Any:
         if slot.check_owner is not None:
@@ -453,19 +454,31 @@ def _read_rest(sock: Any, first: bytes, n: int) -> bytearray | None:
     return buf
 
 
-_sdk_framing: tuple[Any, Any] | None = None
-
-
-def _is_sdk_framing(conn: Any) -> bool:
-    global _sdk_framing
-    if _sdk_framing is None:
-        try:
-            from aperturedb.Connector import Connector
-        except ImportError:  # pragma: no cover - the SDK is a dependency
+def _is_sdk_framing(send: Any, recv: Any) -> bool:
+    """True when ``send``/``recv`` (a connector's ``_send_msg``/``_recv_msg``) are
+    the SDK's own methods: not set on the instance, not overridden by a
+    subclass, not patched on the class (by name and source file of the code)."""
+    for method, name in ((send, "_send_msg"), (recv, "_recv_msg")):
+        code = getattr(getattr(method, "__func__", None), "__code__", None)
+        if code is None or code.co_name != name or not code.co_filename.replace(
+                "\\", "/").endswith("aperturedb/Connector.py"):
             return False
-        _sdk_framing = (Connector._send_msg, Connector._recv_msg)
-    cls = type(conn)
-    return (getattr(cls, "_send_msg", None), getattr(cls, "_recv_msg", None)) == _sdk_framing
+    return True
+
+
+def _before_the_query(fn: Callable[..., Any], where: str) -> Callable[..., Any]:
+    """Wrap a session step the SDK runs before sending the caller's query."""
+    def step(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConnectorError as e:
+            if isinstance(e, ConnectFailed):
+                raise
+            err = ConnectFailed(f"the session step before the query failed on {where} ({e}); "
+                                f"the query was not sent")
+            err.peer_closed = e.peer_closed
+            raise err from e
+    return step
 
 
 def _probe_before_send(conn: Any, slot: Any, where: str) -> None:

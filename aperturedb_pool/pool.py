@@ -843,17 +843,23 @@ class ConnectionPool:
                     f"leased {self._leased_count()}. Raise max_waiting or max_size, or shed "
                     f"load")
             self._waiters.append(waiter)
-            # Appended before this second look (see "Locking"): a fast return
-            # either left its slot for this look or sees the waiter.
-            while True:
-                slot = self._pop_idle()
-                if slot is None:
-                    break
-                if self._waiters[0] is waiter:
-                    self._waiters.popleft()
-                    return slot
-                self._handoff(slot)
-            self._maybe_grow()
+            try:
+                # Appended before this second look (see "Locking"): a fast
+                # return either left its slot for this look or sees the waiter.
+                while True:
+                    slot = self._pop_idle()
+                    if slot is None:
+                        break
+                    if self._waiters[0] is waiter:
+                        self._waiters.popleft()
+                        return slot
+                    self._handoff(slot)
+                self._maybe_grow()
+            except BaseException:
+                # Interrupted here (nobody can hand this waiter a slot while
+                # the lock is held): leave no waiter behind.
+                self._remove_waiter(waiter)
+                raise
         try:
             return self._wait_queued(waiter, start, deadline, timeout)
         except BaseException:
@@ -874,6 +880,7 @@ class ConnectionPool:
         # Under the lock: a slot taken for someone who will not use it.
         if self._closed or slot.generation != self._generation:
             self._drop(slot, "closed" if self._closed else "retired")
+            self._maybe_grow()
         elif self._waiters:
             self._handoff(slot)
         else:
@@ -1077,6 +1084,7 @@ class ConnectionPool:
             if need > 0:
                 self._opening += need
                 self._open_requests += need
+                self._bg_wakeup.set()  # every drop site: the refill starts now
 
     def _note_return(self, slot: _Slot, now: float) -> None:
         if slot.leak_reported:
@@ -1504,7 +1512,7 @@ class ConnectionPool:
                 # again (it may have been leased and returned since the copy).
                 verdict = self._idle_verdict(slot, now, excess)
                 if verdict is None:
-                    idle.appendleft(slot)
+                    idle.append(slot)  # used since the copy: the newest end
                     keep.append(slot)
                     continue
                 if verdict == "ping":

@@ -667,6 +667,21 @@ def test_a_lost_session_refresh_answer_leaves_the_write_unsent_and_retried(
     assert [o["properties"]["tid"] for o in adb_server.dump()] == [7]
 
 
+def test_a_lost_login_answer_leaves_the_write_unsent_and_retried(
+        adb_server: Any, make_pool: Any) -> None:
+    # With no shared session (a refresh was refused and the login after it
+    # failed, say) the SDK logs in inside query(), before the caller's query.
+    template = adb_server.connector()
+    pool = make_pool(adb_server, template, min_size=1, max_size=2)
+    pool.wait_ready(JOIN)
+    template.shared_data.session = None
+    adb_server.close_after_next_request(execute=True, command="Authenticate")
+    response, _ = pool.query(add(9))
+    assert response[0]["AddEntity"]["status"] == 0
+    assert [o["properties"]["tid"] for o in adb_server.dump()] == [9]
+    assert pool.stats().unknown_outcomes == 0
+
+
 def test_write_closed_after_execution_is_unknown_and_never_resent(adb_server: Any,
                                                                   make_pool: Any) -> None:
     pool = make_pool(adb_server, min_size=1, max_size=1)

@@ -1576,3 +1576,46 @@ def test_hand_offs_start_at_sixty_percent_of_the_fairness_threshold(
     done.set()
     join(t)
     assert "error" not in box
+
+
+def test_a_caller_interrupted_right_after_queuing_leaves_no_waiter(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
+    held = pool.lease()
+    conn = held.__enter__()
+    real_grow = pool._maybe_grow
+
+    def interrupted() -> None:  # Ctrl-C landing just after the caller queued
+        pool._maybe_grow = real_grow
+        raise KeyboardInterrupt
+
+    pool._maybe_grow = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        with pool.lease():
+            pass
+    assert pool.stats().waiting == 0
+    held.__exit__(None, None, None)
+    with pool.lease(timeout=1.0) as again:
+        assert again is conn
+
+
+def test_dropping_a_stale_connector_for_a_waiter_starts_the_refill(make_pool: Any) -> None:
+    # A return appended a connector retired meanwhile; handing idle
+    # connectors to the waiter drops it instead, and the refill that replaces
+    # it must start now, not at the next maintenance round.
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
+    held = pool.lease()
+    held.__enter__()
+    _stop_background(pool)
+    t, box = start(lambda: pool.lease().__enter__())
+    wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+    pool.retire_all()
+    pool._bg_wakeup = threading.Event()  # the stopped thread's, cleared
+    slot = held._slot
+    held._slot = pool_mod._RELEASED
+    deque.append(pool._idle, slot)  # the fast return's append, after the retire
+    pool._settle()
+    assert pool.stats().discarded.get("retired") == 1
+    assert pool._bg_wakeup.is_set(), "the refill was not started"
+    pool.close()
+    join(t)
+    assert isinstance(box.get("error"), PoolClosed)

@@ -92,14 +92,40 @@ class _TracedConnector(Connector):
 
 def test_a_subclass_that_overrides_the_framing_keeps_its_override(adb_server: Any) -> None:
     base = adb_server.connector()
-    assert _is_sdk_framing(base)
+    assert _is_sdk_framing(base._send_msg, base._recv_msg)
     template = _TracedConnector(shared_data=base.shared_data, config=base.config)
-    assert not _is_sdk_framing(template)
+    assert not _is_sdk_framing(template._send_msg, template._recv_msg)
     with ConnectionPool(template, min_size=1, max_size=1, timeout=JOIN) as pool:
         with pool.lease() as conn:
             before = conn.frames_sent
             conn.query(FIND)
             assert conn.frames_sent == before + 1
+
+
+def test_an_override_set_on_the_instance_is_kept(adb_server: Any) -> None:
+    # A connector factory that wraps the framing of each connector it makes
+    # (for tracing, say): the pool must go through the wrapper.
+    template = adb_server.connector()
+    sent: list[int] = []
+
+    def factory() -> Any:
+        conn = template.clone()
+        orig = conn._send_msg
+
+        def traced(data: bytes) -> None:
+            sent.append(len(data))
+            orig(data)
+
+        conn._send_msg = traced
+        return conn
+
+    with ConnectionPool(connector_factory=factory, min_size=1, max_size=1,
+                        timeout=JOIN) as pool:
+        pool.wait_ready(JOIN)
+        before = len(sent)
+        with pool.lease() as conn:
+            conn.query(FIND)
+        assert len(sent) == before + 1
 
 
 def _sdk_records(caplog: pytest.LogCaptureFixture) -> list[str]:
