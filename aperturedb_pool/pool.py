@@ -669,7 +669,11 @@ class ConnectionPool:
             lease._timeout = max(0.0, lease._timeout - (_monotonic() - now))
             return self._acquire(lease)
         slot.owner = me
-        slot.leased_at = now
+        # When this lease was asked for (a fast-path checkout stores the same:
+        # it asks and gets at once): the looping test of the return compares
+        # it with the thread's previous return.  With leak tracking, when it
+        # was granted (the age the leak warning reports).
+        slot.leased_at = lease._req
         slot.uses += 1
         if self.leak_threshold is not None:
             slot.leased_at = _monotonic()
@@ -712,10 +716,13 @@ class ConnectionPool:
         # Without the lock (a stale answer only picks the path): may a caller
         # take an idle connector ahead of the waiters?  Only while the oldest
         # has waited less than _handoff_after.
-        try:
-            return _monotonic() - self._waiters[0].since < self._handoff_after
-        except IndexError:
-            return True
+        waiters = self._waiters
+        if waiters:
+            try:
+                return _monotonic() - waiters[0].since < self._handoff_after
+            except IndexError:  # emptied since the test
+                pass
+        return True
 
     def _keeps_for(self, lease: Lease, slot: _Slot, now: float) -> bool:
         # Without the lock, on a clean return while callers wait: may the
@@ -723,23 +730,27 @@ class ConnectionPool:
         # Yes if it is in a loop (it asked for this lease right after
         # returning its previous one) and no waiter is overdue.  Otherwise
         # _release hands the connector to the oldest waiter.
+        # No exception on this path (an exception costs about as much as the
+        # rest of a lease): reads that may miss are tested first.
         tls = self._tls
-        try:
-            req = lease._req
-        except AttributeError:
-            req = slot.leased_at  # a fast-path checkout asked when it got the slot
-        if req - getattr(tls, "released", -math.inf) >= _LOOP_GAP:
+        released = tls.__dict__.get("released")
+        if released is None or slot.leased_at - released >= _LOOP_GAP:
             return False
-        try:
-            if now - self._waiters[0].since >= self._handoff_after:
-                return False
-        except IndexError:
-            pass
+        waiters = self._waiters
+        if waiters:
+            try:
+                if now - waiters[0].since >= self._handoff_after:
+                    return False
+            except IndexError:  # emptied since the test: nobody to wait for
+                pass
         tls.released = now
-        try:
-            stale = now - self._idle[0].returned > _LOOP_GAP
-        except IndexError:
-            stale = False
+        idle = self._idle
+        stale = False
+        if idle:
+            try:
+                stale = now - idle[0].returned > _LOOP_GAP
+            except IndexError:
+                pass
         if stale:
             # A connector kept by a looping thread that did not come back
             # (its loop ended) while callers wait: hand it over now rather
@@ -1015,10 +1026,7 @@ class ConnectionPool:
         # previous one is in a loop: it will ask again at once, so it may
         # re-take this connector (see the module doc on fairness).  A
         # fast-path checkout did not wait: it asked when it got the slot.
-        try:
-            req = lease._req
-        except AttributeError:
-            req = slot.leased_at
+        req = slot.leased_at if self._plain else lease._req
         tls = self._tls
         looper = req - getattr(tls, "released", -math.inf) < _LOOP_GAP
         tls.released = now

@@ -267,7 +267,11 @@ def _pin(srv: Any) -> bool:
         return False
     cpus = sorted(os.sched_getaffinity(0))
     try:
-        setaff(srv.pid, {cpus[1]})
+        # Every thread of the server (sched_setaffinity(pid) moves only the
+        # thread whose id is pid; the server's event loop is another one).
+        for tid in os.listdir(f"/proc/{srv.pid}/task"):
+            setaff(int(tid), {cpus[1]})
+        # This thread only: the client threads started after it inherit it.
         setaff(0, {cpus[0]})
     except OSError:
         return False
