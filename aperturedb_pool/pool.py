@@ -780,12 +780,17 @@ class ConnectionPool:
                 self._handoff(got)
 
     def _pop_idle(self) -> _Slot | None:
-        # The newest idle slot, or None.  Pop and catch, never check and pop:
-        # a fast-path checkout may take the last slot at any moment.
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return None
+        # The newest idle slot, or None.  Never "check, then pop" alone: a
+        # fast-path checkout may take the last slot in between, so the pop
+        # is guarded too.  The check first spares the common empty case an
+        # exception (which costs about as much as a whole lease).
+        idle = self._idle
+        if idle:
+            try:
+                return idle.pop()
+            except IndexError:
+                pass
+        return None
 
     def _take_all_idle(self) -> list[_Slot]:
         # Under the lock: remove every idle slot (oldest first) and own them.
@@ -1077,7 +1082,7 @@ class ConnectionPool:
             self._bg_wakeup.set()
         if closed_now:
             self._close_pending()
-        if getattr(error, "peer_closed", False):
+        if error is not None and getattr(error, "peer_closed", False):
             self._on_peer_closed(slot, f"a connector failed: {error}")
 
     def _drop(self, slot: _Slot, reason: str) -> None:
