@@ -138,17 +138,20 @@ def is_read_only(query: Any) -> bool:
     key whose value is an object, an unknown command - and the empty list,
     which is not a meaningful query.
     """
-    if isinstance(query, (bytes, bytearray)):
-        try:
-            query = query.decode("utf-8")
-        except UnicodeDecodeError:
+    if type(query) is not list:  # a list first: what nearly every caller passes
+        if isinstance(query, (bytes, bytearray)):
+            try:
+                query = query.decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+        if isinstance(query, str):
+            try:
+                query = json.loads(query)
+            except (ValueError, RecursionError):
+                return False
+        if not isinstance(query, (list, tuple)):
             return False
-    if isinstance(query, str):
-        try:
-            query = json.loads(query)
-        except (ValueError, RecursionError):
-            return False
-    if not isinstance(query, (list, tuple)) or not query:
+    if not query:
         return False
     for command in query:
         # ``type(x) is dict`` first: JSON-shaped queries are plain dicts, and
