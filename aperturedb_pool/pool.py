@@ -253,10 +253,14 @@ class Lease:
         # before it drains _idle, and read again after the pop: a slot that a
         # racing return appended after the drain is closed, not handed out.
         pool = self._pool
-        if self._slot is None and pool._fast and (not pool._waiters or pool._may_barge()):
+        idle = pool._idle
+        # ``idle`` tested first: popping an empty deque raises, and an
+        # exception costs about as much as a whole lease.
+        if idle and self._slot is None and pool._fast and (
+                not pool._waiters or pool._may_barge()):
             try:
-                slot = pool._idle.pop()
-            except IndexError:
+                slot = idle.pop()
+            except IndexError:  # taken since the test
                 pass
             else:
                 now = _monotonic()

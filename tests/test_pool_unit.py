@@ -1510,12 +1510,14 @@ def test_maintenance_decides_again_after_taking_a_slot(make_pool: Any) -> None:
 
 
 def test_a_fast_checkout_racing_close_gets_pool_closed(make_pool: Any) -> None:
-    # The checkout read the pool as open; close() then ran to the end, and a
-    # return that had also read it as open appended its slot: the checkout
-    # pops that slot and must still refuse it.
-    pool = make_pool(min_size=1, max_size=1)
+    # The checkout saw an idle connector and read the pool as open; close()
+    # then ran to the end (closing that idle one), and a return that had also
+    # read it as open appended its slot: the checkout pops that slot and must
+    # still refuse it.
+    pool = make_pool(min_size=2, max_size=2)
     held = pool.lease()
     conn = held.__enter__()
+    assert pool.stats().idle == 1
 
     def close_then_return() -> None:
         pool.close()
@@ -1529,6 +1531,7 @@ def test_a_fast_checkout_racing_close_gets_pool_closed(make_pool: Any) -> None:
     with pytest.raises(PoolClosed):
         with pool.lease():
             pass
+    assert pool._idle.before_pop is None, "the checkout did not pop"
     assert conn.closed
     assert pool.stats().size == 0
 
