@@ -217,6 +217,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         # below then do the framing themselves (write_frame/read_frame), one
         # Python call per message instead of a wrapper around the SDK's.
         own = _is_sdk_framing(orig_send, orig_recv)
+        scratch = memoryview(bytearray(_RECV_CHUNK)) if own else None
 
         def _send_msg(data: bytes) -> None:
             if phase.connecting:
@@ -253,7 +254,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
 
         def _recv_msg() -> Any:
             try:
-                response = read_frame(conn.conn) if own else orig_recv()
+                response = read_frame(conn.conn, scratch) if own else orig_recv()
             except socket.timeout as e:
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} timed out") from e
@@ -421,37 +422,50 @@ def write_frame(sock: Any, data: bytes) -> None:
     sock.sendall(_FRAME_LEN.pack(len(data)) + data)
 
 
-def read_frame(sock: Any) -> bytes | bytearray | None:
+class FrameDesync(ValueError):
+    """More bytes arrived than the frame being read: the stream is out of step."""
+
+
+_RECV_CHUNK = 16384  # one read covers a typical response, header and body
+
+
+def read_frame(sock: Any, scratch: memoryview | None = None) -> bytes | bytearray | None:
     """Read one framed message; None if the peer closed the connection first.
 
-    Unlike the SDK's ``_recv_msg``, a length prefix split across reads is
-    completed instead of misread.
+    One ``recv_into`` usually brings the length prefix and the whole body
+    (the SDK's ``_recv_msg`` makes two reads, and every read releases and
+    retakes the GIL).  ``scratch`` is the caller's reusable buffer of
+    ``_RECV_CHUNK`` bytes; it never holds data between calls.  Bytes beyond the
+    frame mean the server sent something nobody asked for: ``FrameDesync``.
+    A length prefix split across reads is completed instead of misread.
     """
-    head = sock.recv(4)
-    if len(head) < 4:
-        head = _read_rest(sock, head, 4)
-        if head is None:
-            return None
-    (n,) = _FRAME_LEN.unpack(head)
-    body = sock.recv(n)
-    if len(body) < n:
-        return _read_rest(sock, body, n)
-    return body
-
-
-def _read_rest(sock: Any, first: bytes, n: int) -> bytearray | None:
-    if not first and n:
-        return None  # EOF
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = len(first)
-    view[:got] = first
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if not k:
-            return None
+    if scratch is None:
+        scratch = memoryview(bytearray(_RECV_CHUNK))
+    got = sock.recv_into(scratch)
+    while got < 4:
+        if got == 0:
+            return None  # EOF
+        k = sock.recv_into(scratch[got:4])
+        if k == 0:
+            return None  # EOF inside the length prefix
         got += k
-    return buf
+    (n,) = _FRAME_LEN.unpack_from(scratch)
+    end = 4 + n
+    if got >= end:
+        if got > end:
+            raise FrameDesync(f"{got - end} byte(s) arrived beyond a {n}-byte response frame")
+        return scratch[4:end].tobytes()
+    # Larger than what arrived so far (or than the scratch buffer).
+    body = bytearray(n)
+    have = got - 4
+    body[:have] = scratch[4:got]
+    view = memoryview(body)
+    while have < n:
+        k = sock.recv_into(view[have:])
+        if not k:
+            return None  # EOF inside the body
+        have += k
+    return body
 
 
 def _is_sdk_framing(send: Any, recv: Any) -> bool:

@@ -17,7 +17,13 @@ import pytest
 from aperturedb.Connector import Connector
 
 from aperturedb_pool import ConnectionPool, OutcomeUnknown
-from aperturedb_pool.connectors import _is_sdk_framing, read_frame, write_frame
+from aperturedb_pool.connectors import (
+    _RECV_CHUNK,
+    FrameDesync,
+    _is_sdk_framing,
+    read_frame,
+    write_frame,
+)
 
 JOIN = 20.0
 FIND = [{"FindEntity": {"with_class": "T", "results": {"count": True}}}]
@@ -39,6 +45,24 @@ def test_a_frame_round_trips(pair: Any) -> None:
     assert read_frame(b) == b"hello"
     write_frame(a, b"")
     assert read_frame(b) == b""
+
+
+def test_a_frame_larger_than_one_read_is_assembled(pair: Any) -> None:
+    a, b = pair
+    body = bytes(range(256)) * (3 * _RECV_CHUNK // 256 + 7)
+    t = threading.Thread(target=write_frame, args=(a, body), daemon=True)
+    t.start()
+    assert bytes(read_frame(b) or b"") == body
+    t.join(JOIN)
+
+
+def test_bytes_beyond_the_frame_are_a_desync(pair: Any) -> None:
+    # One request, one response: anything after the response frame is data
+    # nobody asked for, and the connection cannot be trusted any more.
+    a, b = pair
+    a.sendall(struct.pack("@I", 3) + b"abc" + struct.pack("@I", 1) + b"x")
+    with pytest.raises(FrameDesync, match="beyond a 3-byte"):
+        read_frame(b)
 
 
 def test_a_length_prefix_split_across_reads_is_completed(pair: Any) -> None:
