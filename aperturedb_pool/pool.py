@@ -736,9 +736,7 @@ class ConnectionPool:
         # _release hands the connector to the oldest waiter.
         # No exception on this path (an exception costs about as much as the
         # rest of a lease): reads that may miss are tested first.
-        tls = self._tls
-        released = tls.__dict__.get("released")
-        if released is None or slot.leased_at - released >= _LOOP_GAP:
+        if not self._asked_right_after_return(slot.leased_at):
             return False
         waiters = self._waiters
         if waiters:
@@ -747,7 +745,7 @@ class ConnectionPool:
                     return False
             except IndexError:  # emptied since the test: nobody to wait for
                 pass
-        tls.released = now
+        self._tls.released = now
         idle = self._idle
         stale = False
         if idle:
@@ -761,6 +759,14 @@ class ConnectionPool:
             # than at a waiter's timed wake-up.
             self._hand_out_stranded(now)
         return True
+
+    def _asked_right_after_return(self, asked: float) -> bool:
+        # The looping test: was this lease asked for within _LOOP_GAP of the
+        # calling thread's previous return?  Read without getattr's default
+        # (a missing attribute raises inside it, and an exception costs about
+        # as much as a lease).
+        released = self._tls.__dict__.get("released")
+        return released is not None and asked - released < _LOOP_GAP
 
     def _hand_out_stranded(self, now: float) -> None:
         with self._lock:
@@ -815,20 +821,30 @@ class ConnectionPool:
                 for slot in self._take_all_idle():
                     self._drop(slot, "closed")
             else:
-                now = _monotonic()
-                while self._waiters:
-                    got = self._pop_idle()
-                    if got is None:
-                        break
-                    if got.generation != self._generation or now >= got.expires:
-                        # Not worth a waiter's turn: drop it, ask for another.
-                        self._drop(got, "retired" if got.generation != self._generation
-                                   else "expired")
-                        self._maybe_grow()
-                        continue
-                    self._handoff(got)
+                self._serve_from_idle()
         if closed:
             self._close_pending()
+
+    def _serve_from_idle(self, me: _Waiter | None = None) -> _Slot | None:
+        # Under the lock: hand idle slots to the waiters in order, dropping
+        # those not worth a waiter's turn (retired, expired).  When ``me``
+        # reaches the head of the queue it leaves the queue and the slot is
+        # returned to it instead of handed over.
+        now = _monotonic()
+        while self._waiters:
+            slot = self._pop_idle()
+            if slot is None:
+                return None
+            if slot.generation != self._generation or now >= slot.expires:
+                self._drop(slot, "retired" if slot.generation != self._generation
+                           else "expired")
+                self._maybe_grow()
+                continue
+            if self._waiters[0] is me:
+                self._waiters.popleft()
+                return slot
+            self._handoff(slot)
+        return None
 
     def _wait_for_slot(self, lease: Lease, start: float) -> _Slot:
         timeout = (self.timeout if lease._timeout is None else
@@ -866,14 +882,9 @@ class ConnectionPool:
             try:
                 # Appended before this second look (see "Locking"): a fast
                 # return either left its slot for this look or sees the waiter.
-                while True:
-                    slot = self._pop_idle()
-                    if slot is None:
-                        break
-                    if self._waiters[0] is waiter:
-                        self._waiters.popleft()
-                        return slot
-                    self._handoff(slot)
+                slot = self._serve_from_idle(waiter)
+                if slot is not None:
+                    return slot
                 self._maybe_grow()
             except BaseException:
                 # Interrupted here (nobody can hand this waiter a slot while
@@ -945,18 +956,10 @@ class ConnectionPool:
                     raise PoolClosed(f"pool {self.name!r} was closed while waiting")
                 # Idle connectors left by barging threads go to the waiters
                 # in order, this one included.
-                slot = None
-                while self._waiters:
-                    spare = self._pop_idle()
-                    if spare is None:
-                        break
-                    if self._waiters[0] is waiter:
-                        self._waiters.popleft()
-                        slot = waiter.slot = spare  # recorded: see _abandon_wait
-                        self._count_wait(now - start)
-                        break
-                    self._handoff(spare)
+                slot = self._serve_from_idle(waiter)
                 if slot is not None:
+                    waiter.slot = slot  # recorded: see _abandon_wait
+                    self._count_wait(now - start)
                     break
                 if now >= deadline:
                     self._remove_waiter(waiter)
@@ -1036,9 +1039,8 @@ class ConnectionPool:
         # re-take this connector (see the module doc on fairness).  A
         # fast-path checkout did not wait: it asked when it got the slot.
         req = slot.leased_at if self._plain else lease._req
-        tls = self._tls
-        looper = req - getattr(tls, "released", -math.inf) < _LOOP_GAP
-        tls.released = now
+        looper = self._asked_right_after_return(req)
+        self._tls.released = now
         if slot.lease_stack is not None:
             self._note_return(slot, now)
         # Health on return: interrupted queries and dirty sockets are discarded.
