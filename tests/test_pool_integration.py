@@ -17,6 +17,7 @@ import os
 
 os.environ["ADB_LOG_FILE"] = ""  # before anything imports aperturedb
 
+import functools  # noqa: E402
 import gc  # noqa: E402
 import logging  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -26,6 +27,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
+import _support  # noqa: E402
 import pytest  # noqa: E402
 
 import aperturedb_pool.connectors as connectors_mod  # noqa: E402
@@ -64,15 +66,7 @@ def status_ok(response: Any) -> bool:
     return response[0]["GetStatus"]["status"] == 0
 
 
-def wait_until(pred: Callable[[], Any], what: str, timeout: float = JOIN) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
+wait_until = functools.partial(_support.wait_until, timeout=JOIN, poll=0.005)
 
 
 def idle_sockets(pool: ConnectionPool) -> list:

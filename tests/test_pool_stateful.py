@@ -22,11 +22,13 @@ Invariants checked after every step:
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import _support
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -95,12 +97,7 @@ class ShiftedClock:
         return time.monotonic() + self.offset
 
 
-def wait_until(pred: Any, what: str, timeout: float | None = None) -> None:
-    deadline = time.monotonic() + (WAIT if timeout is None else timeout)
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
+wait_until = functools.partial(_support.wait_until, timeout=WAIT, poll=0.001)
 
 
 @dataclass(eq=False)

@@ -12,6 +12,7 @@ them.
 from __future__ import annotations
 
 import _thread
+import functools
 import gc
 import logging
 import math
@@ -22,6 +23,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
+import _support
 import pytest
 
 import aperturedb_pool.pool as pool_mod
@@ -144,16 +146,7 @@ class SlottedStandIn:
         self.closed = True
 
 
-def wait_until(pred: Callable[[], Any], timeout: float = JOIN, what: str = "condition") -> Any:
-    """Poll ``pred`` until true (for effects of the pool's background thread)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
+wait_until = functools.partial(_support.wait_until, timeout=JOIN)
 
 
 class ShiftedClock:
