@@ -43,9 +43,9 @@ checkout is ``_idle.pop()`` (when nobody waits, or barging is allowed: see
 * A fast checkout re-checks what it needs after the pop (generation, expiry,
   ``_fast``, the probe); a slot that fails goes through the locked path to be
   dropped.
-* The fast paths read ``_fast``, ``_waiters`` (and the oldest waiter's
-  ``since``), ``_handoff_after``, ``_generation`` and ``probe_after`` without
-  the lock.  Such a read only picks the path; what matters is re-checked as
+* The fast paths read ``_fast``, ``_waiters``, ``_overdue_at`` (when the
+  oldest waiter becomes overdue; rewritten under the lock with every change
+  of ``_waiters``), ``_generation`` and ``probe_after`` without the lock.  Such a read only picks the path; what matters is re-checked as
   above, so a stale value costs a detour through the locked path or a later
   hand-off, never a wrong hand-out.
 * Free-threaded builds (no GIL) are not claimed: the handshake above needs the
@@ -101,8 +101,8 @@ returned connector never sits idle while someone waits.
 
 Barging runs on the lock-free paths too: a checkout may pop an idle connector
 while callers wait if the oldest has waited less than ``_handoff_after``
-(``_may_barge``), and a looping thread's clean return leaves its connector idle
-for its own next lease under the same condition (``_keeps_for``).  Waiters are
+(``_overdue_at`` is still ahead), and a looping thread's clean return leaves its
+connector idle for its own next lease under the same condition.  Waiters are
 not woken when they become overdue (a wake-up costs a thread switch): the
 lease paths read the oldest waiter's age and hand over from then on.
 """
@@ -189,6 +189,13 @@ class _Slot:
         self.keepalive_due = now + keepalive * self.jitter if keepalive else math.inf
 
 
+class _ThreadMarks(threading.local):
+    """Per thread: when it last returned a lease of the pool.  The class
+    default spares the hot path a missing-attribute exception."""
+
+    released = -math.inf
+
+
 class _Waiter:
     __slots__ = ("lock", "slot", "since")
 
@@ -255,24 +262,26 @@ class Lease:
         pool = self._pool
         idle = pool._idle
         # ``idle`` tested first: popping an empty deque raises, and an
-        # exception costs about as much as a whole lease.
-        if idle and self._slot is None and pool._fast and (
-                not pool._waiters or pool._may_barge()):
-            try:
-                slot = idle.pop()
-            except IndexError:  # taken since the test
-                pass
-            else:
-                now = _monotonic()
-                if (slot.generation == pool._generation and now < slot.expires and
-                        pool._fast and
-                        (now - slot.returned <= pool.probe_after or slot.poller is None or
-                         not pool._unhealthy(slot))):
-                    slot.uses += 1
-                    slot.leased_at = now
-                    self._slot = slot
-                    return slot.conn
-                pool._discard_checked_out(slot)
+        # exception costs about as much as a whole lease.  Barging (taking
+        # an idle connector while callers wait) is allowed until the oldest
+        # waiter is overdue; _overdue_at is inf while nobody waits.
+        if idle and self._slot is None and pool._fast:
+            now = _monotonic()
+            if now < pool._overdue_at:
+                try:
+                    slot = idle.pop()
+                except IndexError:  # taken since the test
+                    pass
+                else:
+                    if (slot.generation == pool._generation and now < slot.expires and
+                            pool._fast and
+                            (now - slot.returned <= pool.probe_after or slot.poller is None or
+                             not pool._unhealthy(slot))):
+                        slot.uses += 1
+                        slot.leased_at = now
+                        self._slot = slot
+                        return slot.conn
+                    pool._discard_checked_out(slot)
         pool._acquire(self)
         return self.conn
 
@@ -293,13 +302,30 @@ class Lease:
                         if pool._waiters or not pool._fast:
                             pool._settle()
                         return
-                    if pool._keeps_for(self, slot, now):
-                        # A thread in a loop keeps its connector for its next
-                        # lease while no waiter is overdue ("Fairness"): idle,
-                        # not handed over, so no thread wake-up.
+                    tls = pool._tls
+                    if slot.leased_at - tls.released < _LOOP_GAP and now < pool._overdue_at:
+                        # A thread in a loop (it asked for this lease right
+                        # after returning its previous one) keeps its
+                        # connector for its next lease while no waiter is
+                        # overdue ("Fairness"): idle, not handed over, so no
+                        # thread wake-up.  Inlined (no call, no exception):
+                        # with callers waiting this is the hot path.
+                        tls.released = now
                         self._slot = _RELEASED
                         slot.returned = now
-                        pool._idle.append(slot)
+                        idle = pool._idle
+                        if idle:
+                            try:
+                                stale = now - idle[0].returned > _LOOP_GAP
+                            except IndexError:  # emptied since the test
+                                stale = False
+                            if stale:
+                                # A connector kept by a looping thread that
+                                # did not come back (its loop ended) while
+                                # callers wait: hand it over now rather than
+                                # at a waiter's timed wake-up.
+                                pool._hand_out_stranded(now)
+                        idle.append(slot)
                         if not pool._fast:
                             pool._settle()
                         return
@@ -530,7 +556,7 @@ class ConnectionPool:
         self._init_state()
         self._bg_wakeup = threading.Event()
         self._bg_thread: threading.Thread | None = None
-        self._tls = threading.local()  # per thread: when it last returned a lease
+        self._tls = _ThreadMarks()  # per thread: when it last returned a lease
         self._ready = threading.Condition(self._lock)
         _all_pools.add(self)
         if open:
@@ -541,6 +567,11 @@ class ConnectionPool:
         # Everything below is guarded by self._lock, but _idle (see "Locking").
         self._idle: deque[_Slot] = deque()
         self._waiters: deque[_Waiter] = deque()
+        # When the oldest waiter becomes overdue (its ``since`` plus
+        # _handoff_after; inf while nobody waits): barging is allowed before
+        # it.  Rewritten under the lock by _queue_changed after every change
+        # of _waiters; the fast paths read it without the lock (see "Locking").
+        self._overdue_at = math.inf
         self._all: set[_Slot] = set()  # every live slot: idle, leased, being pinged
         self._size = 0  # == len(self._all)
         self._pinging = 0  # slots out of _idle for a keepalive ping
@@ -655,8 +686,7 @@ class ConnectionPool:
         lock.acquire()
         lease._req = now
         slot = None
-        if not self._closed and (
-                not self._waiters or now - self._waiters[0].since < self._handoff_after):
+        if not self._closed and now < self._overdue_at:
             slot = self._pop_idle()
         lock.release()
         if slot is None:
@@ -716,57 +746,11 @@ class ConnectionPool:
         else:
             self._bg_wakeup.set()
 
-    def _may_barge(self) -> bool:
-        # Without the lock (a stale answer only picks the path): may a caller
-        # take an idle connector ahead of the waiters?  Only while the oldest
-        # has waited less than _handoff_after.
-        waiters = self._waiters
-        if waiters:
-            try:
-                return _monotonic() - waiters[0].since < self._handoff_after
-            except IndexError:  # emptied since the test
-                pass
-        return True
-
-    def _keeps_for(self, lease: Lease, slot: _Slot, now: float) -> bool:
-        # Without the lock, on a clean return while callers wait: may the
-        # returning thread leave its connector idle for its own next lease?
-        # Yes if it is in a loop (it asked for this lease right after
-        # returning its previous one) and no waiter is overdue.  Otherwise
-        # _release hands the connector to the oldest waiter.
-        # No exception on this path (an exception costs about as much as the
-        # rest of a lease): reads that may miss are tested first.
-        if not self._asked_right_after_return(slot.leased_at):
-            return False
-        waiters = self._waiters
-        if waiters:
-            try:
-                if now - waiters[0].since >= self._handoff_after:
-                    return False
-            except IndexError:  # emptied since the test: nobody to wait for
-                pass
-        self._tls.released = now
-        idle = self._idle
-        stale = False
-        if idle:
-            try:
-                stale = now - idle[0].returned > _LOOP_GAP
-            except IndexError:
-                pass
-        if stale:
-            # A connector kept by a looping thread that did not come back
-            # (its loop ended) while callers wait: hand it over now rather
-            # than at a waiter's timed wake-up.
-            self._hand_out_stranded(now)
-        return True
-
     def _asked_right_after_return(self, asked: float) -> bool:
-        # The looping test: was this lease asked for within _LOOP_GAP of the
-        # calling thread's previous return?  Read without getattr's default
-        # (a missing attribute raises inside it, and an exception costs about
-        # as much as a lease).
-        released = self._tls.__dict__.get("released")
-        return released is not None and asked - released < _LOOP_GAP
+        # The looping test (the fast keep-return in Lease.__exit__ inlines
+        # it): was this lease asked for within _LOOP_GAP of the calling
+        # thread's previous return?
+        return asked - self._tls.released < _LOOP_GAP
 
     def _hand_out_stranded(self, now: float) -> None:
         with self._lock:
@@ -842,6 +826,7 @@ class ConnectionPool:
                 continue
             if self._waiters[0] is me:
                 self._waiters.popleft()
+                self._queue_changed()
                 return slot
             self._handoff(slot)
         return None
@@ -860,12 +845,12 @@ class ConnectionPool:
             if not self._opened:
                 raise PoolError(f"pool {self.name!r} is not open: it was created with "
                                 f"open=False; call pool.open() first")
-            if not self._waiters or start - self._waiters[0].since < self._handoff_after:
+            if start < self._overdue_at:
                 # An idle connector may have appeared since the first look.
                 slot = self._pop_idle()
                 if slot is not None:
                     return slot
-            if self._waiters and start - self._waiters[0].since >= self._handoff_after:
+            else:
                 # An idle connector is owed to a starving waiter: hand it over
                 # (which also frees its place in the queue) and queue behind.
                 slot = self._pop_idle()
@@ -879,6 +864,7 @@ class ConnectionPool:
                     f"leased {self._leased_count()}. Raise max_waiting or max_size, or shed "
                     f"load")
             self._waiters.append(waiter)
+            self._queue_changed()
             try:
                 # Appended before this second look (see "Locking"): a fast
                 # return either left its slot for this look or sees the waiter.
@@ -975,6 +961,12 @@ class ConnectionPool:
             self._waiters.remove(waiter)
         except ValueError:
             pass
+        self._queue_changed()
+
+    def _queue_changed(self) -> None:
+        # Under the lock, after every change of _waiters.
+        waiters = self._waiters
+        self._overdue_at = waiters[0].since + self._handoff_after if waiters else math.inf
 
     def _timeout_message(self, timeout: float) -> str:
         # Called under the lock.
@@ -996,6 +988,7 @@ class ConnectionPool:
         # here, so the woken thread goes straight to its connector (the time
         # it takes to wake up is time the connector sits unused).
         waiter = self._waiters.popleft()
+        self._queue_changed()
         self._count_wait(_monotonic() - waiter.since)
         waiter.slot = slot
         waiter.lock.release()
@@ -1076,9 +1069,7 @@ class ConnectionPool:
                     closed_now = self._closed
                 else:
                     wake = False
-                    waiters = self._waiters
-                    if waiters and (not looper or
-                                    now - waiters[0].since >= self._handoff_after):
+                    if self._waiters and (not looper or now >= self._overdue_at):
                         self._handoff(slot)
                     else:
                         self._idle.append(slot)
@@ -1176,6 +1167,7 @@ class ConnectionPool:
             self._fast = False
             waiters = list(self._waiters)
             self._waiters.clear()
+            self._queue_changed()
             # _closed is set first: a fast return that appends after this
             # drain sees it and closes its slot (_settle).
             for slot in self._take_all_idle():
@@ -1635,7 +1627,7 @@ class ConnectionPool:
         self._ready = threading.Condition(self._lock)
         self._bg_wakeup = threading.Event()
         self._bg_thread = None
-        self._tls = threading.local()
+        self._tls = _ThreadMarks()
         was_open, was_closed = self._opened, self._closed
         generation = self._generation
         self._init_state()

@@ -23,6 +23,7 @@ Invariants checked after every step:
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -354,6 +355,13 @@ class PoolMachine(RuleBasedStateMachine):
         else:
             assert opened == s.size + dropped
         assert s.connectors_closed <= opened
+        with self.p._lock:
+            # The fast paths decide barging from _overdue_at alone: it must
+            # follow the queue through every change (queue, serve, time out,
+            # close).
+            queue = self.p._waiters
+            expected = (queue[0].since + self.p._handoff_after if queue else math.inf)
+            assert self.p._overdue_at == expected
         if not self.waiters:
             assert s.leased == len(self.held)
             assert s.waiting == 0
