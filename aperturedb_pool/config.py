@@ -74,6 +74,7 @@ POOL_OPTION_KEYS: Mapping[str, str] = MappingProxyType({
     "QUERY_TIMEOUT": "query_timeout",
     "PROBE_AFTER": "probe_after",
     "FAIRNESS_THRESHOLD": "fairness_threshold",
+    "CPU_BOUND_FAIRNESS_THRESHOLD": "cpu_bound_fairness_threshold",
     "LEAK_THRESHOLD": "leak_threshold",
     "CHECK_OWNERSHIP": "check_ownership",
     "POOL_NAME": "name",
@@ -83,7 +84,8 @@ POOL_OPTION_KEYS: Mapping[str, str] = MappingProxyType({
 KNOWN_KEYS: frozenset[str] = frozenset({"KEY", "TEMPLATE", *CONNECTION_KEYS, *POOL_OPTION_KEYS})
 
 _DURATION_KEYS = {"TIMEOUT", "MAX_LIFETIME", "MAX_IDLE", "KEEPALIVE_INTERVAL", "QUERY_TIMEOUT",
-                  "PROBE_AFTER", "FAIRNESS_THRESHOLD", "LEAK_THRESHOLD"}
+                  "PROBE_AFTER", "FAIRNESS_THRESHOLD", "CPU_BOUND_FAIRNESS_THRESHOLD",
+                  "LEAK_THRESHOLD"}
 _INT_KEYS = {"MIN_SIZE", "MAX_SIZE", "MAX_WAITING"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

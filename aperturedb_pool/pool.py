@@ -105,6 +105,22 @@ while callers wait if the oldest has waited less than ``_handoff_after``
 connector idle for its own next lease under the same condition.  Waiters are
 not woken when they become overdue (a wake-up costs a thread switch): the
 lease paths read the oldest waiter's age and hand over from then on.
+
+CPU-bound processes.  Rotating connectors among N threads on M connectors with
+waits of at most W takes about (N - M) / W hand-offs per second (24 / 6 ms =
+4,000 per second for 32 threads on 8), and each costs a thread switch: about
+30 us of CPU on a 2-core VM (the sleep and wake-up, the futex wake, the slow
+paths).  While the process has CPU to spare that costs nobody anything; while
+it is CPU-bound (under the GIL one core runs Python, so the switch time is
+taken from every thread's queries) it cost 15-20% of the throughput of 32
+threads on 8 connectors.  So the pool samples the process's CPU time at
+hand-offs (at most every 0.1 s: one ``process_time()`` under the lock) and,
+while it grows at 0.85 x wall time or more (until it drops below 0.65), uses
+``cpu_bound_fairness_threshold`` (0.1 s) instead: ten times fewer hand-offs,
+waits up to about 60 ms.  A verdict lapses when no hand-off happened for a
+second (contention stopped), so a caller that queues after a quiet spell gets
+the normal threshold.  ``stats()`` shows ``cpu_bound``, ``handoff_after`` and
+``cpu_bound_seconds``.
 """
 
 from __future__ import annotations
@@ -149,6 +165,14 @@ _MIN_HANDOFF_AFTER = 0.001
 _MAX_PARALLEL_OPENS = 2
 _LOOP_GAP = 0.001  # a thread asking again within this of its last return loops
 _HANDOFF_SHARE = 0.6  # of fairness_threshold: barging stops when the oldest waited this
+# CPU-bound detection (see "Fairness"): the process's CPU time over wall time,
+# sampled at hand-offs at most every _CPU_WINDOW seconds; a window longer than
+# _CPU_WINDOW_MAX (contention came back after a quiet spell) decides nothing.
+_CPU_WINDOW = 0.1
+_CPU_WINDOW_MAX = 1.0
+_CPU_BOUND_ENTER = 0.85  # cores: the GIL is (nearly) always held
+_CPU_BOUND_LEAVE = 0.65
+_process_time = time.process_time  # replaced by tests
 _get_ident = threading.get_ident
 _ids = itertools.count(1)
 
@@ -441,6 +465,14 @@ class ConnectionPool:
         waiter has waited 60% of it.  Larger values give more throughput
         under contention (fewer hand-offs) and longer waits; 0 gives strict
         first come, first served.
+    cpu_bound_fairness_threshold (0.1)
+        The ``fairness_threshold`` used while the process is CPU-bound (its CPU
+        time grows at 0.85 x wall time or more, until it drops below 0.65).  There
+        every hand-off's thread switch costs all threads throughput (tens of
+        microseconds of the one core the GIL lets Python use), so the pool
+        hands connectors over less often: waits get longer, throughput does
+        not drop.  ``stats().cpu_bound`` tells which applies.  Never below
+        ``fairness_threshold``; None, or a ``fairness_threshold`` of 0: off.
     leak_threshold (None)
         Log a WARNING with the borrower's stack when a lease is held longer.
     check_ownership (False)
@@ -466,7 +498,9 @@ class ConnectionPool:
                  tcp_keepalive: tuple[float, float, int] | None = (30.0, 10.0, 3),
                  query_timeout: float | None = None, connect_timeout: float = 10.0,
                  probe_after: float = 0.5,
-                 fairness_threshold: float = 0.01, leak_threshold: float | None = None,
+                 fairness_threshold: float = 0.01,
+                 cpu_bound_fairness_threshold: float | None = 0.1,
+                 leak_threshold: float | None = None,
                  check_ownership: bool = False, retry: Any = None, name: str | None = None,
                  open: bool = True, reconnect_initial: float = 0.05,
                  reconnect_max: float = 2.0,
@@ -493,11 +527,17 @@ class ConnectionPool:
                                                   allow_zero=False)
         self.probe_after = _required_duration("probe_after", probe_after)
         self.fairness_threshold = _required_duration("fairness_threshold", fairness_threshold)
-        # Barging stops once the oldest waiter has waited this long; the rest
-        # of fairness_threshold is the margin for the hand-off itself (the
-        # wait for the next return and the woken thread's wake-up).
-        self._handoff_after = (max(_MIN_HANDOFF_AFTER, self.fairness_threshold * _HANDOFF_SHARE)
-                               if self.fairness_threshold > 0 else 0.0)
+        self.cpu_bound_fairness_threshold = _check_duration(
+            "cpu_bound_fairness_threshold", cpu_bound_fairness_threshold)
+        # Barging stops once the oldest waiter has waited _handoff_after; the
+        # rest of the threshold is the margin for the hand-off itself (the
+        # wait for the next return and the woken thread's wake-up).  Which of
+        # the two applies is decided by _sample_cpu.
+        self._handoff_normal = _handoff_share(self.fairness_threshold)
+        self._handoff_cpu_bound = self._handoff_normal
+        if self.cpu_bound_fairness_threshold is not None and self.fairness_threshold > 0:
+            self._handoff_cpu_bound = _handoff_share(
+                max(self.fairness_threshold, self.cpu_bound_fairness_threshold))
         self.leak_threshold = _check_duration("leak_threshold", leak_threshold,
                                               allow_zero=False)
         self.reconnect_initial = _required_duration("reconnect_initial", reconnect_initial,
@@ -572,6 +612,12 @@ class ConnectionPool:
         # it.  Rewritten under the lock by _queue_changed after every change
         # of _waiters; the fast paths read it without the lock (see "Locking").
         self._overdue_at = math.inf
+        # Fairness under CPU-bound load (_sample_cpu): which threshold
+        # applies, and the last (wall, process CPU) sample.
+        self._handoff_after = self._handoff_normal
+        self._cpu_bound = False
+        self._cpu_mark: tuple[float, float] | None = None
+        self._cpu_next = 0.0
         self._all: set[_Slot] = set()  # every live slot: idle, leased, being pinged
         self._size = 0  # == len(self._all)
         self._pinging = 0  # slots out of _idle for a keepalive ping
@@ -594,7 +640,7 @@ class ConnectionPool:
             leases_waited=0, wait_time_total=0.0, wait_time_max=0.0,
             timeouts=0, rejected_waiters=0, connectors_opened=0, connectors_closed=0,
             keepalive_pings=0, probes=0, refill_failures=0, retries=0, give_ups=0,
-            unknown_outcomes=0, leaks_reported=0)
+            unknown_outcomes=0, leaks_reported=0, cpu_bound_seconds=0.0)
         self._discarded: dict[str, int] = {}
         self._shared_data_override: Any = None
         # Leases granted: this plus the live slots' ``uses`` (a dropped slot's
@@ -863,6 +909,8 @@ class ConnectionPool:
                     f"(max_waiting={self.max_waiting}); size {self._size}/{self.max_size}, "
                     f"leased {self._leased_count()}. Raise max_waiting or max_size, or shed "
                     f"load")
+            if not self._waiters:  # contention starts (again)
+                self._forget_stale_cpu_bound(start)
             self._waiters.append(waiter)
             self._queue_changed()
             try:
@@ -988,10 +1036,50 @@ class ConnectionPool:
         # here, so the woken thread goes straight to its connector (the time
         # it takes to wake up is time the connector sits unused).
         waiter = self._waiters.popleft()
+        now = _monotonic()
         self._queue_changed()
-        self._count_wait(_monotonic() - waiter.since)
+        if now >= self._cpu_next and self._handoff_cpu_bound != self._handoff_normal:
+            self._sample_cpu(now)
+        self._count_wait(now - waiter.since)
         waiter.slot = slot
         waiter.lock.release()
+
+    def _sample_cpu(self, now: float) -> None:
+        # Under the lock, at a hand-off (so only under contention), at most
+        # every _CPU_WINDOW: is the process CPU-bound?  Then each hand-off's
+        # thread switch costs every thread throughput, and the longer
+        # threshold applies (see "Fairness").
+        cpu = _process_time()
+        mark, self._cpu_mark = self._cpu_mark, (now, cpu)
+        self._cpu_next = now + _CPU_WINDOW
+        if mark is None:
+            return
+        span = now - mark[0]
+        if span > _CPU_WINDOW_MAX:
+            bound = False  # a quiet spell in the window: start over, fair
+        else:
+            busy = (cpu - mark[1]) / span
+            bound = busy >= (_CPU_BOUND_LEAVE if self._cpu_bound else _CPU_BOUND_ENTER)
+            if bound:
+                self._c["cpu_bound_seconds"] += span
+        if bound != self._cpu_bound:
+            self._set_cpu_bound(bound)
+
+    def _set_cpu_bound(self, bound: bool) -> None:
+        # Under the lock.
+        self._cpu_bound = bound
+        self._handoff_after = self._handoff_cpu_bound if bound else self._handoff_normal
+        self._queue_changed()
+        logger.debug("pool %r: %s; connectors go first come, first served after %.0f ms",
+                     self.name, "the process is CPU-bound" if bound else
+                     "the process is no longer CPU-bound", self._handoff_after * 1e3)
+
+    def _forget_stale_cpu_bound(self, now: float) -> None:
+        # Under the lock: a CPU-bound verdict older than _CPU_WINDOW_MAX (no
+        # hand-off since: contention stopped) says nothing about now.
+        mark = self._cpu_mark
+        if self._cpu_bound and (mark is None or now - mark[0] > _CPU_WINDOW_MAX):
+            self._set_cpu_bound(False)
 
     def _count_wait(self, waited: float) -> None:
         # Under the lock.
@@ -1222,6 +1310,7 @@ class ConnectionPool:
         """An immutable snapshot; with ``reset=True`` the counters restart at zero."""
         self._drain_reclaimed()
         with self._lock:
+            self._forget_stale_cpu_bound(_monotonic())
             c = dict(self._c)
             uses = sum(s.uses for s in self._all)
             c["leases_granted"] = self._granted_base + uses
@@ -1229,7 +1318,8 @@ class ConnectionPool:
                 name=self.name, min_size=self.min_size, max_size=self.max_size,
                 size=self._size, idle=len(self._idle), leased=self._leased_count(),
                 waiting=len(self._waiters), opening=self._opening,
-                discarded=dict(self._discarded), generation=self._generation, **c)
+                discarded=dict(self._discarded), generation=self._generation,
+                cpu_bound=self._cpu_bound, handoff_after=self._handoff_after, **c)
             if reset:
                 for k in self._c:
                     self._c[k] = 0.0 if isinstance(self._c[k], float) else 0
@@ -1647,6 +1737,11 @@ class ConnectionPool:
             self._opening = self._open_requests = self.min_size
             # The background thread starts on first use (starting threads
             # inside an at-fork hook is not safe).
+
+
+def _handoff_share(threshold: float) -> float:
+    # The oldest waiter's wait after which barging stops (see "Fairness").
+    return max(_MIN_HANDOFF_AFTER, threshold * _HANDOFF_SHARE) if threshold > 0 else 0.0
 
 
 def _describe_query(q: Any) -> str:

@@ -31,6 +31,12 @@ class PoolStats:
     waiting: int
     #: connectors being opened in the background
     opening: int
+    #: the process was CPU-bound at the last sample, so the longer
+    #: ``cpu_bound_fairness_threshold`` applies
+    cpu_bound: bool = False
+    #: seconds the oldest waiter may be passed over by threads re-taking
+    #: connectors (60% of the fairness threshold that applies)
+    handoff_after: float = 0.0
     leases_granted: int = 0
     #: leases that had to wait (the rest were served at once)
     leases_waited: int = 0
@@ -51,6 +57,9 @@ class PoolStats:
     give_ups: int = 0
     unknown_outcomes: int = 0
     leaks_reported: int = 0
+    #: seconds of contention (callers waiting) during which the process was
+    #: found CPU-bound, so the longer ``cpu_bound_fairness_threshold`` applied
+    cpu_bound_seconds: float = 0.0
     generation: int = 0
 
     def __post_init__(self) -> None:

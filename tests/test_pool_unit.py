@@ -1615,3 +1615,141 @@ def test_dropping_a_stale_connector_for_a_waiter_starts_the_refill(make_pool: An
     pool.close()
     join(t)
     assert isinstance(box.get("error"), PoolClosed)
+
+
+# ---------------------------------------------------------------------------
+# fairness under CPU-bound load
+# ---------------------------------------------------------------------------
+
+
+def test_a_cpu_bound_process_stretches_the_hand_off_threshold(
+        make_pool: Any, clock: ShiftedClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    busy = {"cores": 1.0, "cpu": 0.0, "at": clock()}
+
+    def process_time() -> float:  # CPU time growing at busy["cores"] x wall time
+        now = clock()
+        busy["cpu"] += (now - busy["at"]) * busy["cores"]
+        busy["at"] = now
+        return busy["cpu"]
+
+    monkeypatch.setattr(pool_mod, "_process_time", process_time)
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)  # thresholds 10 ms and 100 ms
+    assert (pool.stats().cpu_bound, pool.stats().handoff_after) == (False, pytest.approx(0.006))
+    with pool._lock:
+        pool._sample_cpu(clock())  # the first sample only marks the start
+    clock.advance(0.2)
+    lease = pool.acquire()
+    conn = lease.conn
+    lease.release()
+    lease = pool.lease()  # asked right after a return: a loop
+    assert lease.__enter__() is conn
+    t, box = start(lambda: pool.lease().__enter__())
+    wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+    with pool._lock:
+        pool._sample_cpu(clock())  # 1.0 core over 0.2 s: CPU-bound
+    s = pool.stats()
+    assert (s.cpu_bound, s.handoff_after) == (True, pytest.approx(0.06))
+    clock.advance(0.03)  # overdue at 10 ms, not at 100 ms: the loop keeps its connector
+    lease.__exit__(None, None, None)
+    lease = pool.lease()
+    assert lease.__enter__() is conn
+    assert pool.stats().waiting == 1
+    clock.advance(0.04)  # 70 ms: overdue at 100 ms too, the next return hands over
+    lease.__exit__(None, None, None)
+    join(t)
+    assert box["result"] is conn
+
+
+def test_cpu_bound_detection_has_hysteresis_and_forgets_quiet_spells(
+        make_pool: Any, clock: ShiftedClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = {"t": 0.0}
+    monkeypatch.setattr(pool_mod, "_process_time", lambda: cpu["t"])
+    pool = make_pool(min_size=1, max_size=1, fairness_threshold=0.02,
+                     cpu_bound_fairness_threshold=0.5)
+
+    def sample(cores: float, span: float = 0.1) -> tuple[bool, float]:
+        clock.advance(span)
+        cpu["t"] += cores * span
+        with pool._lock:
+            pool._sample_cpu(clock())
+        s = pool.stats()
+        return s.cpu_bound, round(s.handoff_after, 6)
+
+    with pool._lock:
+        pool._sample_cpu(clock())
+    assert sample(0.8) == (False, 0.012)  # below 0.85 cores: not CPU-bound
+    assert sample(0.95) == (True, 0.3)
+    assert sample(0.7) == (True, 0.3)  # stays until it drops below 0.65
+    assert sample(0.6) == (False, 0.012)
+    assert sample(1.0) == (True, 0.3)
+    assert pool.stats().cpu_bound_seconds == pytest.approx(0.3, abs=0.01)  # three windows
+    # Contention came back after 5 s without hand-offs: that window says
+    # nothing about now, and the pool starts over fair.
+    assert sample(1.0, span=5.0) == (False, 0.012)
+    assert sample(1.0) == (True, 0.3)
+    # No hand-off for over a second (contention stopped): the verdict lapses,
+    # so the next caller to wait is handed over at the normal threshold.
+    clock.advance(1.5)
+    s = pool.stats()
+    assert (s.cpu_bound, round(s.handoff_after, 6)) == (False, 0.012)
+    assert s.cpu_bound_seconds == pytest.approx(0.4, abs=0.01)
+    assert pool.stats(reset=True).cpu_bound_seconds > 0
+    assert pool.stats().cpu_bound_seconds == 0
+
+
+@pytest.mark.parametrize("options", [{"cpu_bound_fairness_threshold": None},
+                                     {"fairness_threshold": 0.0},
+                                     {"fairness_threshold": 0.5,
+                                      "cpu_bound_fairness_threshold": 0.1}])
+def test_cpu_bound_stretch_can_be_turned_off(
+        make_pool: Any, clock: ShiftedClock, monkeypatch: pytest.MonkeyPatch,
+        options: dict[str, Any]) -> None:
+    # None turns it off, strict first come first served (0) is kept under
+    # load too, and a value below fairness_threshold never shortens it.
+    monkeypatch.setattr(pool_mod, "_process_time", clock)  # always 1 core busy
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN, **options)
+    before = pool.stats().handoff_after
+    for _ in range(3):
+        clock.advance(0.2)
+        held = pool.acquire()
+        t, box = start(lambda: pool.acquire().release())
+        wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+        held.release()  # not a loop (the clock moved): a hand-off
+        join(t)
+        assert "error" not in box
+    s = pool.stats()
+    assert s.leases_waited == 3
+    assert (s.cpu_bound, s.handoff_after) == (False, before)
+
+
+@pytest.mark.parametrize("value,error", [(-0.1, ValueError), (math.nan, ValueError),
+                                         ("0.1", TypeError)])
+def test_bad_cpu_bound_fairness_threshold_is_named(make_pool: Any, value: Any,
+                                                   error: type) -> None:
+    with pytest.raises(error, match="cpu_bound_fairness_threshold"):
+        make_pool(cpu_bound_fairness_threshold=value)
+
+
+def test_a_caller_queuing_after_a_quiet_spell_gets_the_normal_threshold(
+        make_pool: Any, clock: ShiftedClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_mod, "_process_time", clock)  # 1 core busy throughout
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
+    with pool._lock:
+        pool._sample_cpu(clock())
+        clock.advance(0.2)
+        pool._sample_cpu(clock())
+        assert pool._cpu_bound
+    clock.advance(1.5)  # no hand-off since: contention stopped
+    lease = pool.acquire()
+    conn = lease.conn
+    lease.release()
+    lease = pool.lease()  # a loop
+    assert lease.__enter__() is conn
+    t, box = start(lambda: pool.lease().__enter__())
+    wait_until(lambda: pool._waiters, what="the caller to queue")
+    clock.advance(0.008)  # overdue at 10 ms (not at 100 ms): the next return hands over
+    lease.__exit__(None, None, None)
+    s = pool.stats()
+    assert (s.waiting, s.leased, s.idle) == (0, 1, 0), "not handed to the overdue waiter"
+    join(t)
+    assert box["result"] is conn
