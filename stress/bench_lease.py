@@ -443,6 +443,9 @@ def run_fairness(names, args, report: Report) -> None:
             time.sleep(args.duration)  # the timer, not synchronization
             stop.set()
             joined = _join_all(threads, time.monotonic() + JOIN_GRACE_S)
+            # Our pool: how long it found the process CPU-bound (then the
+            # longer cpu_bound_fairness_threshold applies, and waits grow).
+            bound = getattr(s.stats(), "cpu_bound_seconds", None) if s.stats else None
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -456,6 +459,9 @@ def run_fairness(names, args, report: Report) -> None:
             report.error("fairness", name, exc)
             continue
         _fairness_figures(report, name, out, size, hold)
+        if bound is not None:
+            report.add("fairness", name, "cpu_bound_s", bound,
+                       "s the pool found the process CPU-bound")
 
 
 def _fairness_figures(report: Report, name: str, out: list, size: int, hold: float) -> None:
