@@ -221,13 +221,14 @@ class _ThreadMarks(threading.local):
 
 
 class _Waiter:
-    __slots__ = ("lock", "slot", "since")
+    __slots__ = ("lock", "slot", "since", "waited")
 
     def __init__(self, now: float) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
         self.slot: _Slot | None = None
         self.since = now
+        self.waited = 0.0  # the wait counted when ``slot`` was given (see _abandon_wait)
 
 
 class _ReleasedMark:
@@ -938,6 +939,12 @@ class ConnectionPool:
             self._remove_waiter(waiter)
             slot, waiter.slot = waiter.slot, None
             if slot is not None:
+                # Given, then abandoned: the caller got no lease, so its wait
+                # is not counted as a lease that waited (the longest wait
+                # stays: it was waited).
+                c = self._c
+                c["leases_waited"] = max(0, c["leases_waited"] - 1)
+                c["wait_time_total"] = max(0.0, c["wait_time_total"] - waiter.waited)
                 self._put_back(slot)
         self._close_pending_if_closed()
 
@@ -993,7 +1000,8 @@ class ConnectionPool:
                 slot = self._serve_from_idle(waiter)
                 if slot is not None:
                     waiter.slot = slot  # recorded: see _abandon_wait
-                    self._count_wait(now - start)
+                    waiter.waited = now - start
+                    self._count_wait(waiter.waited)
                     break
                 if now >= deadline:
                     self._remove_waiter(waiter)
@@ -1040,7 +1048,8 @@ class ConnectionPool:
         self._queue_changed()
         if now >= self._cpu_next and self._handoff_cpu_bound != self._handoff_normal:
             self._sample_cpu(now)
-        self._count_wait(now - waiter.since)
+        waiter.waited = now - waiter.since
+        self._count_wait(waiter.waited)
         waiter.slot = slot
         waiter.lock.release()
 

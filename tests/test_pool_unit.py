@@ -1753,3 +1753,26 @@ def test_a_caller_queuing_after_a_quiet_spell_gets_the_normal_threshold(
     assert (s.waiting, s.leased, s.idle) == (0, 1, 0), "not handed to the overdue waiter"
     join(t)
     assert box["result"] is conn
+
+
+def test_a_hand_off_the_waiter_abandons_is_not_counted_as_a_lease_that_waited(
+        make_pool: Any) -> None:
+    # The waiter is interrupted after a connector was handed to it but before
+    # it took it: the connector goes back, and the statistics count no lease.
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
+    held = pool.acquire()
+    conn = held.conn
+    waiter = pool_mod._Waiter(pool_mod._monotonic() - 0.25)
+    with pool._lock:
+        pool._waiters.append(waiter)
+        pool._queue_changed()
+    held.release()  # not a loop: handed over to the waiter
+    assert waiter.slot is not None and waiter.slot.conn is conn
+    s = pool.stats()
+    assert (s.leases_waited, s.waiting) == (1, 0) and s.wait_time_total >= 0.25
+    pool._abandon_wait(waiter)  # what an interrupted waiter does
+    s = pool.stats()
+    assert (s.leases_waited, s.wait_time_total, s.idle, s.leased) == (0, 0.0, 1, 0)
+    assert s.leases_granted == 1
+    with pool.lease(timeout=1.0) as again:
+        assert again is conn
