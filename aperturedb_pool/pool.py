@@ -45,7 +45,9 @@ checkout is ``_idle.pop()`` (when nobody waits, or barging is allowed: see
   dropped.
 * The fast paths read ``_fast``, ``_waiters``, ``_overdue_at`` (when the
   oldest waiter becomes overdue; rewritten under the lock with every change
-  of ``_waiters``), ``_generation`` and ``probe_after`` without the lock.  Such a read only picks the path; what matters is re-checked as
+  of ``_waiters`` or of ``_handoff_after``), ``_generation`` and
+  ``probe_after`` without the lock, and a waiter reads ``_handoff_after`` to
+  time its first wake-up.  Such a read only picks the path; what matters is re-checked as
   above, so a stale value costs a detour through the locked path or a later
   hand-off, never a wrong hand-out.
 * Free-threaded builds (no GIL) are not claimed: the handshake above needs the
@@ -117,9 +119,12 @@ threads on 8 connectors.  So the pool samples the process's CPU time at
 hand-offs (at most every 0.1 s: one ``process_time()`` under the lock) and,
 while it grows at 0.85 x wall time or more (until it drops below 0.65), uses
 ``cpu_bound_fairness_threshold`` (0.1 s) instead: ten times fewer hand-offs,
-waits up to about 60 ms.  A verdict lapses when no hand-off happened for a
-second (contention stopped), so a caller that queues after a quiet spell gets
-the normal threshold.  ``stats()`` shows ``cpu_bound``, ``handoff_after`` and
+waits up to about 60 ms.  A verdict lapses when no sample was taken for a
+second (no hand-off: contention stopped), so a caller that queues after a
+quiet spell gets the normal threshold.  ``process_time()`` also counts
+threads running outside the GIL (native code), so such a process can be
+judged CPU-bound; a GIL-bound process starved by its host or a CPU quota can
+stay below 0.85 and keep the normal threshold.  ``stats()`` shows ``cpu_bound``, ``handoff_after`` and
 ``cpu_bound_seconds``.
 """
 
@@ -418,6 +423,16 @@ def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
     return v
 
 
+def _finite(name: str, value: T) -> T:
+    # A fairness threshold of inf would let looping threads keep connectors
+    # for ever: waiters would be served only at their deadline.
+    if isinstance(value, float) and math.isinf(value):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r} "
+                         f"(a large threshold such as 1.0 already lets loops keep "
+                         f"their connectors for long)")
+    return value
+
+
 def _required_duration(name: str, value: float, *, allow_zero: bool = True) -> float:
     v = _check_duration(name, value, allow_none=False, allow_zero=allow_zero)
     assert v is not None
@@ -473,7 +488,9 @@ class ConnectionPool:
         microseconds of the one core the GIL lets Python use), so the pool
         hands connectors over less often: waits get longer, throughput does
         not drop.  ``stats().cpu_bound`` tells which applies.  Never below
-        ``fairness_threshold``; None, or a ``fairness_threshold`` of 0: off.
+        ``fairness_threshold``; None (or a value at most ``fairness_threshold``,
+        or a ``fairness_threshold`` of 0): off.  Must be finite, as must
+        ``fairness_threshold``.
     leak_threshold (None)
         Log a WARNING with the borrower's stack when a lease is held longer.
     check_ownership (False)
@@ -527,9 +544,11 @@ class ConnectionPool:
         self.connect_timeout = _required_duration("connect_timeout", connect_timeout,
                                                   allow_zero=False)
         self.probe_after = _required_duration("probe_after", probe_after)
-        self.fairness_threshold = _required_duration("fairness_threshold", fairness_threshold)
-        self.cpu_bound_fairness_threshold = _check_duration(
-            "cpu_bound_fairness_threshold", cpu_bound_fairness_threshold)
+        self.fairness_threshold = _finite(
+            "fairness_threshold", _required_duration("fairness_threshold", fairness_threshold))
+        self.cpu_bound_fairness_threshold = _finite(
+            "cpu_bound_fairness_threshold",
+            _check_duration("cpu_bound_fairness_threshold", cpu_bound_fairness_threshold))
         # Barging stops once the oldest waiter has waited _handoff_after; the
         # rest of the threshold is the margin for the hand-off itself (the
         # wait for the next return and the woken thread's wake-up).  Which of
@@ -539,6 +558,9 @@ class ConnectionPool:
         if self.cpu_bound_fairness_threshold is not None and self.fairness_threshold > 0:
             self._handoff_cpu_bound = _handoff_share(
                 max(self.fairness_threshold, self.cpu_bound_fairness_threshold))
+        # While CPU-bound, hand-offs (where samples are taken) come at least
+        # about every _handoff_cpu_bound: a longer gap means contention stopped.
+        self._cpu_window_max = max(_CPU_WINDOW_MAX, 2.0 * self._handoff_cpu_bound + _CPU_WINDOW)
         self.leak_threshold = _check_duration("leak_threshold", leak_threshold,
                                               allow_zero=False)
         self.reconnect_initial = _required_duration("reconnect_initial", reconnect_initial,
@@ -619,6 +641,7 @@ class ConnectionPool:
         self._cpu_bound = False
         self._cpu_mark: tuple[float, float] | None = None
         self._cpu_next = 0.0
+        self._cpu_note: tuple[bool, float] | None = None  # a change to log
         self._all: set[_Slot] = set()  # every live slot: idle, leased, being pinged
         self._size = 0  # == len(self._all)
         self._pinging = 0  # slots out of _idle for a keepalive ping
@@ -1064,30 +1087,39 @@ class ConnectionPool:
         if mark is None:
             return
         span = now - mark[0]
-        if span > _CPU_WINDOW_MAX:
+        if span > self._cpu_window_max:
             bound = False  # a quiet spell in the window: start over, fair
         else:
+            if self._cpu_bound:  # the longer threshold applied in this window
+                self._c["cpu_bound_seconds"] += span
             busy = (cpu - mark[1]) / span
             bound = busy >= (_CPU_BOUND_LEAVE if self._cpu_bound else _CPU_BOUND_ENTER)
-            if bound:
-                self._c["cpu_bound_seconds"] += span
         if bound != self._cpu_bound:
             self._set_cpu_bound(bound)
 
     def _set_cpu_bound(self, bound: bool) -> None:
-        # Under the lock.
+        # Under the lock.  The background thread logs the change (no logging
+        # under the lock: a slow handler would stall every lease).
         self._cpu_bound = bound
         self._handoff_after = self._handoff_cpu_bound if bound else self._handoff_normal
         self._queue_changed()
-        logger.debug("pool %r: %s; connectors go first come, first served after %.0f ms",
-                     self.name, "the process is CPU-bound" if bound else
-                     "the process is no longer CPU-bound", self._handoff_after * 1e3)
+        self._cpu_note = (bound, self._handoff_after)
+        self._bg_wakeup.set()
+
+    def _log_cpu_note(self) -> None:
+        with self._lock:
+            note, self._cpu_note = self._cpu_note, None
+        if note is not None:
+            logger.debug("pool %r: %s; connectors go first come, first served after %.0f ms",
+                         self.name, "the process is CPU-bound" if note[0] else
+                         "the process is no longer CPU-bound", note[1] * 1e3)
 
     def _forget_stale_cpu_bound(self, now: float) -> None:
-        # Under the lock: a CPU-bound verdict older than _CPU_WINDOW_MAX (no
-        # hand-off since: contention stopped) says nothing about now.
+        # Under the lock: a CPU-bound verdict whose last sample (taken at
+        # hand-offs) is older than _cpu_window_max (contention stopped) says
+        # nothing about now.
         mark = self._cpu_mark
-        if self._cpu_bound and (mark is None or now - mark[0] > _CPU_WINDOW_MAX):
+        if self._cpu_bound and (mark is None or now - mark[0] > self._cpu_window_max):
             self._set_cpu_bound(False)
 
     def _count_wait(self, waited: float) -> None:
@@ -1583,6 +1615,7 @@ class ConnectionPool:
         """One round of background work; returns seconds until the next round."""
         next_round = 1.0
         self._drain_reclaimed()
+        self._log_cpu_note()
         # Opens requested by waiters, shrinking and min_size: each in an
         # opener thread, so that a slow or hanging connect never stalls the
         # maintenance of the connectors already open.

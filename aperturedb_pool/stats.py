@@ -15,9 +15,10 @@ def _frozen(d: Mapping[str, int] | None = None) -> Mapping[str, int]:
 class PoolStats:
     """A consistent snapshot, taken under the pool's lock.
 
-    Gauges (``size``, ``idle``, ``leased``, ``waiting``, ``opening``) describe the
-    moment of the snapshot; every other field is a counter since the pool was
-    created (or since the last ``stats(reset=True)``).
+    Gauges (``size``, ``idle``, ``leased``, ``waiting``, ``opening``,
+    ``generation``, ``cpu_bound``, ``handoff_after``) describe the moment of the
+    snapshot; every other field is a counter since the pool was created (or
+    since the last ``stats(reset=True)``).
     """
 
     name: str
@@ -31,12 +32,6 @@ class PoolStats:
     waiting: int
     #: connectors being opened in the background
     opening: int
-    #: the process was CPU-bound at the last sample, so the longer
-    #: ``cpu_bound_fairness_threshold`` applies
-    cpu_bound: bool = False
-    #: seconds the oldest waiter may be passed over by threads re-taking
-    #: connectors (60% of the fairness threshold that applies)
-    handoff_after: float = 0.0
     leases_granted: int = 0
     #: leases that had to wait (the rest were served at once)
     leases_waited: int = 0
@@ -57,10 +52,16 @@ class PoolStats:
     give_ups: int = 0
     unknown_outcomes: int = 0
     leaks_reported: int = 0
-    #: seconds of contention (callers waiting) during which the process was
-    #: found CPU-bound, so the longer ``cpu_bound_fairness_threshold`` applied
-    cpu_bound_seconds: float = 0.0
     generation: int = 0
+    #: seconds of contention (hand-offs) during which the longer
+    #: ``cpu_bound_fairness_threshold`` applied (the process was CPU-bound)
+    cpu_bound_seconds: float = 0.0
+    #: gauge: the process was found CPU-bound at the last sample, so the
+    #: longer ``cpu_bound_fairness_threshold`` applies now
+    cpu_bound: bool = False
+    #: gauge: seconds the oldest waiter may be passed over by threads
+    #: re-taking connectors (60% of the fairness threshold that applies)
+    handoff_after: float = 0.0
 
     def __post_init__(self) -> None:
         # A snapshot never changes, its mapping included.

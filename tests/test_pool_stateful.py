@@ -322,6 +322,15 @@ class PoolMachine(RuleBasedStateMachine):
         self.p.close()  # idempotent
 
     @precondition(lambda self: self.pool is not None)
+    @rule(bound=st.booleans())
+    def cpu_load_changes(self, bound: bool) -> None:
+        # The process turns CPU-bound or stops being so (as _sample_cpu
+        # decides at a hand-off), possibly while callers wait: the threshold
+        # changes under them, and _overdue_at must follow (invariant below).
+        with self.p._lock:
+            self.p._set_cpu_bound(bound)
+
+    @precondition(lambda self: self.pool is not None)
     @rule(dt=st.sampled_from([1.0, 10.0, 25.0, 60.0, 120.0]))
     def time_passes(self, dt: float) -> None:
         self.clock.offset += dt

@@ -162,6 +162,18 @@ class ShiftedClock:
         self.offset += seconds
 
 
+class FrozenClock(ShiftedClock):
+    """A clock that moves only when a test advances it (real time does not
+    count): for margins that a loaded machine's stalls must not eat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.base + self.offset
+
+
 def kick(pool: ConnectionPool) -> None:
     """Run a maintenance round now instead of at its scheduled time."""
     pool._bg_wakeup.set()
@@ -203,6 +215,29 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> ShiftedClock:
     c = ShiftedClock()
     monkeypatch.setattr(pool_mod, "_monotonic", c)
     return c
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> FrozenClock:
+    c = FrozenClock()
+    monkeypatch.setattr(pool_mod, "_monotonic", c)
+    return c
+
+
+@pytest.fixture
+def cpu_clock(frozen_clock: FrozenClock, monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """The process's CPU time as the pool samples it: it grows at
+    ``cores`` x the frozen clock's time (set ``cores`` to change the load)."""
+    busy = {"cores": 1.0, "cpu": 0.0, "at": frozen_clock()}
+
+    def process_time() -> float:
+        now = frozen_clock()
+        busy["cpu"] += (now - busy["at"]) * busy["cores"]
+        busy["at"] = now
+        return busy["cpu"]
+
+    monkeypatch.setattr(pool_mod, "_process_time", process_time)
+    return busy
 
 
 def start(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
@@ -1623,16 +1658,8 @@ def test_dropping_a_stale_connector_for_a_waiter_starts_the_refill(make_pool: An
 
 
 def test_a_cpu_bound_process_stretches_the_hand_off_threshold(
-        make_pool: Any, clock: ShiftedClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    busy = {"cores": 1.0, "cpu": 0.0, "at": clock()}
-
-    def process_time() -> float:  # CPU time growing at busy["cores"] x wall time
-        now = clock()
-        busy["cpu"] += (now - busy["at"]) * busy["cores"]
-        busy["at"] = now
-        return busy["cpu"]
-
-    monkeypatch.setattr(pool_mod, "_process_time", process_time)
+        make_pool: Any, frozen_clock: FrozenClock, cpu_clock: dict[str, float]) -> None:
+    clock = frozen_clock
     pool = make_pool(min_size=1, max_size=1, timeout=JOIN)  # thresholds 10 ms and 100 ms
     assert (pool.stats().cpu_bound, pool.stats().handoff_after) == (False, pytest.approx(0.006))
     with pool._lock:
@@ -1656,20 +1683,21 @@ def test_a_cpu_bound_process_stretches_the_hand_off_threshold(
     assert pool.stats().waiting == 1
     clock.advance(0.04)  # 70 ms: overdue at 100 ms too, the next return hands over
     lease.__exit__(None, None, None)
+    s = pool.stats()
+    assert (s.waiting, s.leased, s.idle) == (0, 1, 0), "not handed to the overdue waiter"
     join(t)
     assert box["result"] is conn
 
 
 def test_cpu_bound_detection_has_hysteresis_and_forgets_quiet_spells(
-        make_pool: Any, clock: ShiftedClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu = {"t": 0.0}
-    monkeypatch.setattr(pool_mod, "_process_time", lambda: cpu["t"])
+        make_pool: Any, frozen_clock: FrozenClock, cpu_clock: dict[str, float]) -> None:
+    clock = frozen_clock
     pool = make_pool(min_size=1, max_size=1, fairness_threshold=0.02,
                      cpu_bound_fairness_threshold=0.5)
 
     def sample(cores: float, span: float = 0.1) -> tuple[bool, float]:
+        cpu_clock["cores"] = cores
         clock.advance(span)
-        cpu["t"] += cores * span
         with pool._lock:
             pool._sample_cpu(clock())
         s = pool.stats()
@@ -1682,17 +1710,18 @@ def test_cpu_bound_detection_has_hysteresis_and_forgets_quiet_spells(
     assert sample(0.7) == (True, 0.3)  # stays until it drops below 0.65
     assert sample(0.6) == (False, 0.012)
     assert sample(1.0) == (True, 0.3)
-    assert pool.stats().cpu_bound_seconds == pytest.approx(0.3, abs=0.01)  # three windows
+    # Counted: the two windows that ran at the longer threshold.
+    assert pool.stats().cpu_bound_seconds == pytest.approx(0.2)
     # Contention came back after 5 s without hand-offs: that window says
     # nothing about now, and the pool starts over fair.
     assert sample(1.0, span=5.0) == (False, 0.012)
     assert sample(1.0) == (True, 0.3)
-    # No hand-off for over a second (contention stopped): the verdict lapses,
-    # so the next caller to wait is handed over at the normal threshold.
-    clock.advance(1.5)
+    # No sample for longer than the window allows (contention stopped): the
+    # verdict lapses.
+    clock.advance(pool._cpu_window_max + 0.1)
     s = pool.stats()
     assert (s.cpu_bound, round(s.handoff_after, 6)) == (False, 0.012)
-    assert s.cpu_bound_seconds == pytest.approx(0.4, abs=0.01)
+    assert s.cpu_bound_seconds == pytest.approx(0.2)
     assert pool.stats(reset=True).cpu_bound_seconds > 0
     assert pool.stats().cpu_bound_seconds == 0
 
@@ -1722,17 +1751,19 @@ def test_cpu_bound_stretch_can_be_turned_off(
     assert (s.cpu_bound, s.handoff_after) == (False, before)
 
 
+@pytest.mark.parametrize("name", ["cpu_bound_fairness_threshold", "fairness_threshold"])
 @pytest.mark.parametrize("value,error", [(-0.1, ValueError), (math.nan, ValueError),
-                                         ("0.1", TypeError)])
-def test_bad_cpu_bound_fairness_threshold_is_named(make_pool: Any, value: Any,
-                                                   error: type) -> None:
-    with pytest.raises(error, match="cpu_bound_fairness_threshold"):
-        make_pool(cpu_bound_fairness_threshold=value)
+                                         (math.inf, ValueError), ("0.1", TypeError),
+                                         (True, TypeError)])
+def test_bad_fairness_thresholds_are_named(make_pool: Any, name: str, value: Any,
+                                           error: type) -> None:
+    with pytest.raises(error, match=name):
+        make_pool(**{name: value})
 
 
 def test_a_caller_queuing_after_a_quiet_spell_gets_the_normal_threshold(
-        make_pool: Any, clock: ShiftedClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pool_mod, "_process_time", clock)  # 1 core busy throughout
+        make_pool: Any, frozen_clock: FrozenClock, cpu_clock: dict[str, float]) -> None:
+    clock = frozen_clock  # 1 core busy throughout (cpu_clock)
     pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
     with pool._lock:
         pool._sample_cpu(clock())
@@ -1776,3 +1807,27 @@ def test_a_hand_off_the_waiter_abandons_is_not_counted_as_a_lease_that_waited(
     assert s.leases_granted == 1
     with pool.lease(timeout=1.0) as again:
         assert again is conn
+
+
+def test_a_change_of_the_cpu_bound_verdict_is_logged_outside_the_lock(
+        make_pool: Any, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(min_size=1, max_size=1, name="busy")
+    held_lock_while_logging: list[bool] = []
+
+    class Probe(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "CPU-bound" in record.getMessage():
+                held_lock_while_logging.append(pool._lock.locked())
+
+    probe = Probe(level=logging.DEBUG)
+    pool_mod.logger.addHandler(probe)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="aperturedb_pool"):
+            with pool._lock:
+                pool._set_cpu_bound(True)
+            wait_until(lambda: held_lock_while_logging, what="the background thread to log")
+    finally:
+        pool_mod.logger.removeHandler(probe)
+    assert held_lock_while_logging == [False]
+    assert any("pool 'busy': the process is CPU-bound; connectors go first come, first "
+               "served after 60 ms" in r.getMessage() for r in caplog.records)
