@@ -47,9 +47,9 @@ checkout is ``_idle.pop()`` (when nobody waits, or barging is allowed: see
   oldest waiter becomes overdue; rewritten under the lock with every change
   of ``_waiters`` or of ``_handoff_after``), ``_generation`` and
   ``probe_after`` without the lock, and a waiter reads ``_handoff_after`` to
-  time its first wake-up.  Such a read only picks the path; what matters is re-checked as
-  above, so a stale value costs a detour through the locked path or a later
-  hand-off, never a wrong hand-out.
+  time its first wake-up.  Such a read only picks the path; what matters is
+  re-checked as above, so a stale value costs a detour through the locked
+  path or a later hand-off, never a wrong hand-out.
 * Free-threaded builds (no GIL) are not claimed: the handshake above needs the
   append to one deque to be visible before the read of the other, which the
   GIL's total order gives and per-object locks are not argued to give here.
@@ -120,12 +120,13 @@ hand-offs (at most every 0.1 s: one ``process_time()`` under the lock) and,
 while it grows at 0.85 x wall time or more (until it drops below 0.65), uses
 ``cpu_bound_fairness_threshold`` (0.1 s) instead: ten times fewer hand-offs,
 waits up to about 60 ms.  A verdict lapses when no sample was taken for a
-second (no hand-off: contention stopped), so a caller that queues after a
-quiet spell gets the normal threshold.  ``process_time()`` also counts
-threads running outside the GIL (native code), so such a process can be
-judged CPU-bound; a GIL-bound process starved by its host or a CPU quota can
-stay below 0.85 and keep the normal threshold.  ``stats()`` shows ``cpu_bound``, ``handoff_after`` and
-``cpu_bound_seconds``.
+second, or twice the longer threshold if that is longer (no hand-off:
+contention stopped), so a caller that queues after a quiet spell gets the
+normal threshold.  ``process_time()`` also counts threads running outside the
+GIL (native code), so such a process can be judged CPU-bound; a GIL-bound
+process starved by its host or a CPU quota can stay below 0.85 and keep the
+normal threshold.  ``stats()`` shows ``cpu_bound``, ``handoff_after`` and
+``cpu_bound_seconds``; changes of the verdict are logged at DEBUG.
 """
 
 from __future__ import annotations
