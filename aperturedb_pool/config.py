@@ -22,7 +22,8 @@ none of them
 Pool options (see :class:`~aperturedb_pool.ConnectionPool`): ``MIN_SIZE``,
 ``MAX_SIZE``, ``TIMEOUT``, ``MAX_WAITING``, ``MAX_LIFETIME``, ``MAX_IDLE``,
 ``KEEPALIVE_INTERVAL``, ``TCP_KEEPALIVE``, ``QUERY_TIMEOUT``, ``PROBE_AFTER``,
-``FAIRNESS_THRESHOLD``, ``LEAK_THRESHOLD``, ``CHECK_OWNERSHIP``, ``POOL_NAME``
+``FAIRNESS_THRESHOLD``, ``CPU_BOUND_FAIRNESS_THRESHOLD``, ``LEAK_THRESHOLD``,
+``CHECK_OWNERSHIP``, ``POOL_NAME``
 and ``RETRY`` (a :class:`~aperturedb_pool.RetryPolicy` or a dict of its fields).
 
 Nothing here imports the ``aperturedb`` SDK until a template is built.

@@ -235,6 +235,7 @@ def test_config_values_from_environment_strings(adb_server: Any,
     monkeypatch.setenv("FLASK_APERTUREDB_MAX_SIZE", "3")
     monkeypatch.setenv("FLASK_APERTUREDB_TCP_KEEPALIVE", "[20, 5, 2]")
     monkeypatch.setenv("FLASK_APERTUREDB_RETRY", '{"max_attempts": 2}')
+    monkeypatch.setenv("FLASK_APERTUREDB_CPU_BOUND_FAIRNESS_THRESHOLD", "0.25")
     app = Flask("env")
     app.config.from_prefixed_env()
     ext = ApertureDB(app)
@@ -242,6 +243,7 @@ def test_config_values_from_environment_strings(adb_server: Any,
     try:
         assert (pool.max_size, pool.timeout, pool.tcp_keepalive) == (3, 2.5, (20.0, 5.0, 2))
         assert pool.retry.max_attempts == 2
+        assert pool.cpu_bound_fairness_threshold == 0.25
         with app.app_context():
             assert ext.connector.query([{"GetStatus": {}}])[0][0]["GetStatus"]["status"] == 0
     finally:
