@@ -554,14 +554,15 @@ class ConnectionPool:
         # rest of the threshold is the margin for the hand-off itself (the
         # wait for the next return and the woken thread's wake-up).  Which of
         # the two applies is decided by _sample_cpu.
-        self._handoff_normal = _handoff_share(self.fairness_threshold)
-        self._handoff_cpu_bound = self._handoff_normal
+        longer = self.fairness_threshold
         if self.cpu_bound_fairness_threshold is not None and self.fairness_threshold > 0:
-            self._handoff_cpu_bound = _handoff_share(
-                max(self.fairness_threshold, self.cpu_bound_fairness_threshold))
+            longer = max(self.fairness_threshold, self.cpu_bound_fairness_threshold)
+        self._handoff_normal = _handoff_share(self.fairness_threshold)
+        self._handoff_cpu_bound = _handoff_share(longer)
         # While CPU-bound, hand-offs (where samples are taken) come at least
-        # about every _handoff_cpu_bound: a longer gap means contention stopped.
-        self._cpu_window_max = max(_CPU_WINDOW_MAX, 2.0 * self._handoff_cpu_bound + _CPU_WINDOW)
+        # about every _handoff_cpu_bound: a gap of twice the longer threshold
+        # (or a second) means contention stopped.
+        self._cpu_window_max = max(_CPU_WINDOW_MAX, 2.0 * longer)
         self.leak_threshold = _check_duration("leak_threshold", leak_threshold,
                                               allow_zero=False)
         self.reconnect_initial = _required_duration("reconnect_initial", reconnect_initial,

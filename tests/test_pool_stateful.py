@@ -327,8 +327,16 @@ class PoolMachine(RuleBasedStateMachine):
         # The process turns CPU-bound or stops being so (as _sample_cpu
         # decides at a hand-off), possibly while callers wait: the threshold
         # changes under them, and _overdue_at must follow (invariant below).
-        with self.p._lock:
-            self.p._set_cpu_bound(bound)
+        p = self.p
+        with p._lock:
+            # A fresh sample, so that the verdict holds until time passes
+            # (a verdict without one lapses at the next stats()).
+            p._cpu_mark = (pool_mod._monotonic(), 0.0)
+            p._set_cpu_bound(bound)
+            queue = p._waiters
+            got = p._overdue_at
+            want = queue[0].since + p._handoff_after if queue else math.inf
+        assert got == want
 
     @precondition(lambda self: self.pool is not None)
     @rule(dt=st.sampled_from([1.0, 10.0, 25.0, 60.0, 120.0]))

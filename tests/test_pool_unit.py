@@ -1657,6 +1657,16 @@ def test_dropping_a_stale_connector_for_a_waiter_starts_the_refill(make_pool: An
 # ---------------------------------------------------------------------------
 
 
+def _queue_waiter(pool: ConnectionPool, since: float) -> Any:
+    """A waiter queued by hand (no thread): whether a return hands it the
+    connector or keeps it idle shows in ``waiter.slot``, and nothing sleeps."""
+    waiter = pool_mod._Waiter(since)
+    with pool._lock:
+        pool._waiters.append(waiter)
+        pool._queue_changed()
+    return waiter
+
+
 def test_a_cpu_bound_process_stretches_the_hand_off_threshold(
         make_pool: Any, frozen_clock: FrozenClock, cpu_clock: dict[str, float]) -> None:
     clock = frozen_clock
@@ -1668,25 +1678,59 @@ def test_a_cpu_bound_process_stretches_the_hand_off_threshold(
     lease = pool.acquire()
     conn = lease.conn
     lease.release()
-    lease = pool.lease()  # asked right after a return: a loop
+    lease = pool.lease(timeout=0)  # asked right after a return: a loop
     assert lease.__enter__() is conn
-    t, box = start(lambda: pool.lease().__enter__())
-    wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+    waiter = _queue_waiter(pool, clock())
     with pool._lock:
         pool._sample_cpu(clock())  # 1.0 core over 0.2 s: CPU-bound
     s = pool.stats()
     assert (s.cpu_bound, s.handoff_after) == (True, pytest.approx(0.06))
     clock.advance(0.03)  # overdue at 10 ms, not at 100 ms: the loop keeps its connector
     lease.__exit__(None, None, None)
-    lease = pool.lease()
+    assert waiter.slot is None
+    lease = pool.lease(timeout=0)
     assert lease.__enter__() is conn
-    assert pool.stats().waiting == 1
     clock.advance(0.04)  # 70 ms: overdue at 100 ms too, the next return hands over
     lease.__exit__(None, None, None)
-    s = pool.stats()
-    assert (s.waiting, s.leased, s.idle) == (0, 1, 0), "not handed to the overdue waiter"
-    join(t)
-    assert box["result"] is conn
+    assert waiter.slot is not None and waiter.slot.conn is conn
+    pool._abandon_wait(waiter)  # the connector goes back
+    with pool.lease(timeout=0) as again:
+        assert again is conn
+
+
+def test_the_overdue_point_follows_a_change_of_threshold_while_callers_wait(
+        make_pool: Any, frozen_clock: FrozenClock) -> None:
+    pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
+    waiter = _queue_waiter(pool, frozen_clock())
+    # (No assert under the pool's lock: a failing one would repr the pool,
+    # which takes the lock.)
+    seen = [pool._overdue_at]
+    for bound in (True, False):
+        with pool._lock:
+            pool._set_cpu_bound(bound)
+        seen.append(pool._overdue_at)
+    assert seen == pytest.approx([waiter.since + 0.006, waiter.since + 0.06,
+                                  waiter.since + 0.006])
+    pool._abandon_wait(waiter)
+    assert pool._overdue_at == math.inf
+
+
+def test_a_long_cpu_bound_threshold_keeps_its_verdict_between_rare_hand_offs(
+        make_pool: Any, frozen_clock: FrozenClock, cpu_clock: dict[str, float]) -> None:
+    # With a 2 s threshold, hand-offs (where samples are taken) can be 1.5 s
+    # apart while callers still wait: that is not a quiet spell.
+    pool = make_pool(min_size=1, max_size=1, cpu_bound_fairness_threshold=2.0)
+
+    def sample_after(gap: float) -> bool:
+        frozen_clock.advance(gap)
+        with pool._lock:
+            pool._sample_cpu(frozen_clock())
+        return pool._cpu_bound
+
+    sample_after(0.0)
+    assert sample_after(0.2)
+    assert sample_after(1.5), "a 1.5 s gap under a 2 s threshold was taken for a quiet spell"
+    assert not sample_after(4.5)  # longer than twice the threshold: contention stopped
 
 
 def test_cpu_bound_detection_has_hysteresis_and_forgets_quiet_spells(
@@ -1769,15 +1813,17 @@ def test_a_caller_queuing_after_a_quiet_spell_gets_the_normal_threshold(
         pool._sample_cpu(clock())
         clock.advance(0.2)
         pool._sample_cpu(clock())
-        assert pool._cpu_bound
+    assert pool._cpu_bound
     clock.advance(1.5)  # no hand-off since: contention stopped
     lease = pool.acquire()
     conn = lease.conn
     lease.release()
-    lease = pool.lease()  # a loop
+    lease = pool.lease(timeout=0)  # a loop
     assert lease.__enter__() is conn
-    t, box = start(lambda: pool.lease().__enter__())
+    # A real caller queues (the lapse is applied when it joins an empty queue).
+    t, box = start(lambda: pool.lease(timeout=JOIN).__enter__())
     wait_until(lambda: pool._waiters, what="the caller to queue")
+    assert not pool._cpu_bound and pool._handoff_after == pytest.approx(0.006)
     clock.advance(0.008)  # overdue at 10 ms (not at 100 ms): the next return hands over
     lease.__exit__(None, None, None)
     s = pool.stats()
@@ -1820,6 +1866,14 @@ def test_a_change_of_the_cpu_bound_verdict_is_logged_outside_the_lock(
                 held_lock_while_logging.append(pool._lock.locked())
 
     probe = Probe(level=logging.DEBUG)
+    on_thread: list[bool] = []
+    real_emit = probe.emit
+
+    def emit(record: logging.LogRecord) -> None:
+        on_thread.append(threading.current_thread() is pool._bg_thread)
+        real_emit(record)
+
+    probe.emit = emit  # type: ignore[method-assign]
     pool_mod.logger.addHandler(probe)
     try:
         with caplog.at_level(logging.DEBUG, logger="aperturedb_pool"):
@@ -1828,6 +1882,37 @@ def test_a_change_of_the_cpu_bound_verdict_is_logged_outside_the_lock(
             wait_until(lambda: held_lock_while_logging, what="the background thread to log")
     finally:
         pool_mod.logger.removeHandler(probe)
-    assert held_lock_while_logging == [False]
+    assert held_lock_while_logging == [False] and on_thread == [True]
     assert any("pool 'busy': the process is CPU-bound; connectors go first come, first "
                "served after 60 ms" in r.getMessage() for r in caplog.records)
+
+
+def test_a_connector_a_waiter_takes_at_its_timed_wake_up_then_abandons_is_not_counted(
+        make_pool: Any, clock: ShiftedClock) -> None:
+    # The other way a waiter gets a connector: at its timed wake-up it takes
+    # one left idle by a loop (not handed over).  Interrupted right after, its
+    # wait must not stay counted either.
+    pool = make_pool(min_size=1, max_size=1, fairness_threshold=1.0, timeout=JOIN)
+    first = pool.acquire()
+    conn = first.conn
+    first.release()
+    lease = pool.lease()  # a loop
+    assert lease.__enter__() is conn
+    real_count = pool._count_wait
+
+    def count_then_interrupt(waited: float) -> None:
+        real_count(waited)
+        if threading.current_thread() is not threading.main_thread():
+            raise KeyboardInterrupt  # lands right after the wait was counted
+
+    pool._count_wait = count_then_interrupt  # type: ignore[method-assign]
+    t, box = start(lambda: pool.lease(timeout=JOIN).__enter__())
+    wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
+    clock.advance(0.3)  # waited 0.3 s, not overdue (0.6 s): the loop's return keeps it idle
+    lease.__exit__(None, None, None)
+    join(t)  # its timed wake-up took the idle connector, then was interrupted
+    assert isinstance(box.get("error"), KeyboardInterrupt)
+    s = pool.stats()
+    assert (s.leases_waited, s.wait_time_total, s.waiting, s.idle) == (0, 0.0, 0, 1)
+    with pool.lease(timeout=0) as again:
+        assert again is conn
