@@ -1389,19 +1389,24 @@ def test_retire_all_racing_fast_paths_never_hands_out_a_retired_connector(
     wait_until(lambda: all(c.closed for c in old), what="retired connectors closed")
 
 
-def test_a_looping_thread_keeps_its_connector_until_a_waiter_is_overdue(
-        make_pool: Any, clock: ShiftedClock) -> None:
-    # fairness_threshold 1 s: the hand-off threshold starts there (it adapts
-    # only after hand-offs), so the waiter below is not overdue until the
-    # clock is advanced past it.
-    pool = make_pool(min_size=1, max_size=1, fairness_threshold=1.0, timeout=JOIN)
-    # A return through release() records when this thread returned (the
-    # no-waiter fast return skips that: with nobody waiting it is not needed).
+def _looping_lease(pool: ConnectionPool, timeout: float | None = None) -> tuple[Any, Any]:
+    """Enter a lease as a thread in a loop does: asked right after returning
+    the previous one (a return through release() records when this thread
+    returned; the no-waiter fast return skips that, as nobody waits)."""
     first = pool.acquire()
     conn = first.conn
     first.release()
-    lease = pool.lease()  # asked right after a return: a loop
+    lease = pool.lease(timeout)
     assert lease.__enter__() is conn
+    return lease, conn
+
+
+def test_a_looping_thread_keeps_its_connector_until_a_waiter_is_overdue(
+        make_pool: Any, clock: ShiftedClock) -> None:
+    # fairness_threshold 1 s: the waiter below is not overdue (at 0.6 s)
+    # until the clock is advanced past it.
+    pool = make_pool(min_size=1, max_size=1, fairness_threshold=1.0, timeout=JOIN)
+    lease, conn = _looping_lease(pool)
     box: dict[str, Any] = {}
     done = threading.Event()
 
@@ -1582,11 +1587,7 @@ def test_a_lease_taken_before_a_fork_is_closed_when_returned_in_the_child(
 def test_hand_offs_start_at_sixty_percent_of_the_fairness_threshold(
         make_pool: Any, clock: ShiftedClock) -> None:
     pool = make_pool(min_size=1, max_size=1, fairness_threshold=1.0, timeout=JOIN)
-    first = pool.acquire()
-    conn = first.conn
-    first.release()
-    lease = pool.lease()
-    assert lease.__enter__() is conn
+    lease, conn = _looping_lease(pool)
     done = threading.Event()
 
     def waiter() -> None:
@@ -1675,11 +1676,7 @@ def test_a_cpu_bound_process_stretches_the_hand_off_threshold(
     with pool._lock:
         pool._sample_cpu(clock())  # the first sample only marks the start
     clock.advance(0.2)
-    lease = pool.acquire()
-    conn = lease.conn
-    lease.release()
-    lease = pool.lease(timeout=0)  # asked right after a return: a loop
-    assert lease.__enter__() is conn
+    lease, conn = _looping_lease(pool, timeout=0.0)
     waiter = _queue_waiter(pool, clock())
     with pool._lock:
         pool._sample_cpu(clock())  # 1.0 core over 0.2 s: CPU-bound
@@ -1815,11 +1812,7 @@ def test_a_caller_queuing_after_a_quiet_spell_gets_the_normal_threshold(
         pool._sample_cpu(clock())
     assert pool._cpu_bound
     clock.advance(1.5)  # no hand-off since: contention stopped
-    lease = pool.acquire()
-    conn = lease.conn
-    lease.release()
-    lease = pool.lease(timeout=0)  # a loop
-    assert lease.__enter__() is conn
+    lease, conn = _looping_lease(pool, timeout=0.0)
     # A real caller queues (the lapse is applied when it joins an empty queue).
     t, box = start(lambda: pool.lease(timeout=JOIN).__enter__())
     wait_until(lambda: pool._waiters, what="the caller to queue")
@@ -1893,11 +1886,7 @@ def test_a_connector_a_waiter_takes_at_its_timed_wake_up_then_abandons_is_not_co
     # one left idle by a loop (not handed over).  Interrupted right after, its
     # wait must not stay counted either.
     pool = make_pool(min_size=1, max_size=1, fairness_threshold=1.0, timeout=JOIN)
-    first = pool.acquire()
-    conn = first.conn
-    first.release()
-    lease = pool.lease()  # a loop
-    assert lease.__enter__() is conn
+    lease, conn = _looping_lease(pool)
     real_count = pool._count_wait
 
     def count_then_interrupt(waited: float) -> None:
