@@ -917,17 +917,15 @@ class ConnectionPool:
             if not self._opened:
                 raise PoolError(f"pool {self.name!r} is not open: it was created with "
                                 f"open=False; call pool.open() first")
-            if start < self._overdue_at:
-                # An idle connector may have appeared since the first look.
-                slot = self._pop_idle()
-                if slot is not None:
+            # An idle connector may have appeared since the first look: it is
+            # this caller's unless a waiter is overdue, then it is owed to that
+            # waiter (handing it over frees a place in the queue; this caller
+            # queues behind).
+            slot = self._pop_idle()
+            if slot is not None:
+                if start < self._overdue_at:
                     return slot
-            else:
-                # An idle connector is owed to a starving waiter: hand it over
-                # (which also frees its place in the queue) and queue behind.
-                slot = self._pop_idle()
-                if slot is not None:
-                    self._handoff(slot)
+                self._handoff(slot)
             if self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
                 self._c["rejected_waiters"] += 1
                 raise TooManyWaiters(
