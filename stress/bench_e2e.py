@@ -151,28 +151,21 @@ def main(argv: list[str] | None = None) -> int:
         for c in warm:
             sdk._pool.put(c)
 
-        def leasing(pool: Any) -> Callable[[int], Callable[[], Any]]:
+        def leasing(lease: Callable[[], Any]) -> Callable[[int], Callable[[], Any]]:
+            # ``lease``: our pool's lease() or the SDK pool's get_connection().
             def make(i: int) -> Callable[[], Any]:
-                lease = pool.lease
-
                 def body() -> Any:
                     with lease() as conn:
                         return conn.query(Q)
                 return body
             return make
 
-        ours_lease = leasing(ours)
+        ours_lease = leasing(ours.lease)
 
         def ours_query(i: int) -> Callable[[], Any]:
             return lambda: ours.query(Q)
 
-        def sdk_lease(i: int) -> Callable[[], Any]:
-            get = sdk.get_connection
-
-            def body() -> Any:
-                with get() as conn:
-                    return conn.query(Q)
-            return body
+        sdk_lease = leasing(sdk.get_connection)
 
         def dedicated_body(i: int) -> Callable[[], Any]:
             conn = dedicated[i]
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         plan: dict[str, tuple[int, Callable[[int], Callable[[], Any]]]] = {
             "dedicated": (8, dedicated_body), "ours-8": (8, ours_lease),
             "ours-32": (32, ours_lease), "sdk-8": (8, sdk_lease), "sdk-32": (32, sdk_lease),
-            "ours-32-strict": (32, leasing(strict)),
+            "ours-32-strict": (32, leasing(strict.lease)),
             "ours-q-8": (8, ours_query), "ded-32": (32, dedicated_body),
         }
         # Warm-up, not recorded.

@@ -1230,9 +1230,6 @@ def test_a_waiter_that_arrives_during_a_fast_return_is_handed_the_connector(
     # The second look of the return must hand the connector over at once,
     # not leave it idle until the waiter's timed wake-up.
     pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
-    lease = pool.lease()
-    conn = lease.__enter__()
-    pool._idle = _HookedDeque(pool._idle)
     box: dict[str, Any] = {}
     queued = threading.Event()
 
@@ -1247,8 +1244,7 @@ def test_a_waiter_that_arrives_during_a_fast_return_is_handed_the_connector(
         wait_until(lambda: pool.stats().waiting == 1, what="the caller to queue")
         queued.set()
 
-    pool._idle.before_append = start_waiter
-    lease.__exit__(None, None, None)
+    conn = _return_racing(pool, start_waiter)
     assert queued.is_set()
     # Handed over by the return itself: nothing idle, nobody waiting, even
     # before the waiter thread has run again.
@@ -1276,17 +1272,24 @@ def test_a_connector_returned_while_a_caller_queues_is_found_by_its_second_look(
     assert (s.waiting, s.leases_granted) == (0, 2)
 
 
+def _return_racing(pool: ConnectionPool, action: Callable[[], Any]) -> Any:
+    """Lease a connector and return it on the fast path, with ``action``
+    running between the return's checks and its append to _idle."""
+    lease = pool.lease()
+    conn = lease.__enter__()
+    pool._idle = _HookedDeque(pool._idle)
+    pool._idle.before_append = action
+    lease.__exit__(None, None, None)
+    return conn
+
+
 def test_a_fast_return_that_lands_after_retire_all_is_not_reused(
         make_pool: Any, template: StandIn) -> None:
     # The return passed its generation check, then retire_all() ran (and
     # drained _idle) before the append: the stale slot sits in _idle, and the
     # checkout's own check must turn it away.
     pool = make_pool(min_size=1, max_size=1, timeout=JOIN)
-    lease = pool.lease()
-    old = lease.__enter__()
-    pool._idle = _HookedDeque(pool._idle)
-    pool._idle.before_append = pool.retire_all
-    lease.__exit__(None, None, None)
+    old = _return_racing(pool, pool.retire_all)
     with pool.lease() as conn:
         assert conn is not old
     wait_until(lambda: old.closed, what="the retired connector closed")
@@ -1296,11 +1299,7 @@ def test_a_fast_return_that_lands_after_retire_all_is_not_reused(
 def test_a_fast_return_that_lands_after_close_closes_its_connector(
         make_pool: Any, template: StandIn) -> None:
     pool = make_pool(min_size=2, max_size=2, timeout=JOIN)
-    lease = pool.lease()
-    conn = lease.__enter__()
-    pool._idle = _HookedDeque(pool._idle)
-    pool._idle.before_append = pool.close
-    lease.__exit__(None, None, None)
+    conn = _return_racing(pool, pool.close)
     assert conn.closed, "closed by the return itself, after close() had drained the pool"
     s = pool.stats()
     assert (s.size, s.idle) == (0, 0)
