@@ -12,6 +12,7 @@ from aperturedb_pool._version import __version__
 from aperturedb_pool.errors import (
     ConnectFailed,
     ConnectorError,
+    ConnectorUnusable,
     LeaseError,
     OutcomeUnknown,
     PoolClosed,
@@ -49,6 +50,7 @@ __all__ = [
     "TooManyWaiters",
     "LeaseError",
     "ConnectorError",
+    "ConnectorUnusable",
     "ConnectFailed",
     "OutcomeUnknown",
     "QueryTimeout",

@@ -41,6 +41,7 @@ from typing import Any, Callable
 from aperturedb_pool.errors import (
     ConnectFailed,
     ConnectorError,
+    ConnectorUnusable,
     LeaseError,
     OutcomeUnknown,
     QueryTimeout,
@@ -49,6 +50,9 @@ from aperturedb_pool.health import POLL_BAD, apply_tcp_keepalive, peek
 
 logger = logging.getLogger("aperturedb_pool")
 _monotonic = time.monotonic
+# Deadlines (set by the pool from time.monotonic) are read with this clock;
+# tests shift _monotonic alone to make a connector look silent.
+_deadline_clock = time.monotonic
 
 
 # The SDK logs its own retry-loop warnings and a CRITICAL "Failed to query"
@@ -140,12 +144,23 @@ class Phase:
     thread holding the connector's lease (or the maintenance thread while it
     pings an idle connector it has taken out of the pool), so it needs no lock."""
 
-    __slots__ = ("connecting", "sent", "answered", "last_io", "failed", "requests", "reached")
+    __slots__ = ("connecting", "sent", "outstanding", "last_io", "failed", "requests",
+                 "reached", "deadline", "bounded")
 
     def __init__(self) -> None:
         self.connecting = False
+        # The current query started writing a request (reset per query).
         self.sent = False
-        self.answered = False
+        # Requests whose write started minus responses read in full, over the
+        # connector's whole life.  Counted before the write and after the
+        # read, so an interruption anywhere in between (a signal handler, a
+        # timeout, KeyboardInterrupt), in the caller's request or in a
+        # session step the SDK runs first, leaves it above zero: an answer
+        # may still arrive, and the connector must never send again.  State
+        # of the request, not of the last exchange: a refresh answered
+        # before the caller's request does not make the caller's request
+        # answered.
+        self.outstanding = 0
         # time.monotonic() when the last query started (inf from a connect to
         # the end of the first query: see connect); the pre-send probe runs
         # when the connector was silent for longer than probe_after.
@@ -160,6 +175,13 @@ class Phase:
         # Queries (as the caller sees them) that may have run on the server:
         # every query that did not fail with ConnectFailed.
         self.reached = 0
+        # time.monotonic() by which the current query (write and whole
+        # response) must be done, or None: set by the pool around the
+        # attempts of a retry policy with a deadline.
+        self.deadline: float | None = None
+        # The socket's timeout was last set from a deadline (bound_socket),
+        # not to the pool's query_timeout.
+        self.bounded = False
 
 
 def _describe(conn: Any) -> str:
@@ -228,6 +250,9 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                     sock.settimeout(connect_timeout)
                 orig_send(data)
                 return
+            # Counted before the first byte is written (see Phase.outstanding).
+            phase.outstanding += 1
+            phase.sent = True
             try:
                 if own:
                     write_frame(conn.conn, data)
@@ -241,26 +266,32 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                                         f"not delivered")
                     err.peer_closed = True
                     raise err from e
+                if isinstance(e, socket.timeout) and phase.deadline is not None:
+                    late = QueryTimeout(f"sending to {where} did not finish within the retry "
+                                        f"deadline; the request may have reached the server")
+                    phase.failed = late
+                    raise late from e
                 # Anything else (a send timeout, say): whether the frame was
                 # complete is not known.
                 raise OutcomeUnknown(f"sending to {where} failed ({e!r}); the request may "
                                      f"have reached the server") from e
             # Any other exception (an asynchronous timeout or signal handler
             # raising after the frame was written) propagates unchanged: the
-            # connector stays in flight (discarded) and no policy retries it.
-            phase.sent = True
-            phase.answered = False
+            # request stays outstanding, so the connector is discarded and no
+            # policy retries it.
             phase.requests += 1
 
         def _recv_msg() -> Any:
             try:
-                response = read_frame(conn.conn, scratch) if own else orig_recv()
+                response = (read_frame(conn.conn, scratch, phase.deadline) if own
+                            else orig_recv())
             except socket.timeout as e:
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} timed out") from e
                 err = QueryTimeout(
-                    f"no response from {where} within the query timeout; the query may or may "
-                    f"not have run, check before re-sending a write")
+                    f"no response from {where} within the "
+                    f"{'retry deadline' if phase.deadline is not None else 'query timeout'}; "
+                    f"the query may or may not have run, check before re-sending a write")
                 phase.failed = err
                 raise err from e
             except (OSError, struct.error, ValueError, AttributeError) as e:
@@ -283,9 +314,10 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 eof.peer_closed = True
                 phase.failed = eof
                 raise eof
-            if phase.connecting:
-                return response  # the hello reply is no answer to a query
-            phase.answered = True
+            if not phase.connecting and phase.outstanding > 0:
+                # A whole response read: one request fewer is owed an answer
+                # (the hello reply is no answer to a request).
+                phase.outstanding -= 1
             return response
 
         def connect(details: Any = None) -> None:
@@ -351,12 +383,30 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
     def query(q: Any, blobs: Any = None) -> Any:
         if slot.check_owner is not None:
             slot.check_owner()
+        if slot.in_flight:
+            # An earlier query of this lease failed or was interrupted (a
+            # signal handler, KeyboardInterrupt, a timeout caught by the
+            # caller) and its answer may still arrive: sending now would read
+            # that answer as this query's.  Nothing is sent.
+            raise ConnectorUnusable(
+                f"this connector to {where} cannot send another query: an earlier query on it "
+                f"was interrupted or failed before its answer was read, so that answer could be "
+                f"taken for this one's. The query was not sent. End the lease (the connector is "
+                f"discarded) and lease another one", query=q)
         slot.in_flight = True
         phase.sent = False
-        phase.answered = False
         phase.failed = None
         try:
             now = _monotonic()
+            deadline = phase.deadline if sdk else None  # a stand-in has no socket to bound
+            if deadline is not None:
+                # A retry deadline bounds the whole exchange: the write and
+                # every read (read_frame re-arms the timeout per read).
+                bound_socket(conn.conn, deadline - _deadline_clock(), query_timeout)
+                phase.bounded = True
+            elif phase.bounded:
+                phase.bounded = False
+                _restore_timeout(conn, query_timeout)
             if now - phase.last_io > probe_after:
                 # Idle longer than probe_after while leased: check the socket
                 # before anything is sent (the same rule as the checkout
@@ -379,24 +429,17 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                                  f"query may or may not have run", query=q) from e
         except BaseException as e:
             phase.reached += 1
-            if not isinstance(e, Exception):
-                raise  # KeyboardInterrupt and friends: in flight, discarded
             if type(e).__name__ == "DecodeError":
                 raise OutcomeUnknown(
                     f"malformed response from {where} (not a protobuf message); the query "
                     f"may or may not have run", query=q) from e
-            if sdk and not phase.answered:
-                # Not a transport failure the wrappers classified: an
-                # exception of the caller's world (a signal handler, a soft
-                # time limit) raised mid-query.  It propagates unchanged, and
-                # no policy retries it; the connector stays in flight and is
-                # discarded.
-                raise
-            # A complete response was read and the SDK raised on its content
-            # (failed authentication, refused refresh): the stream is intact.
-            # A stand-in gives no such evidence: its connector stays in flight
-            # (discarded on return).
-            if sdk:
+            if sdk and phase.outstanding == 0 and conn.conn is not None:
+                # Every request written was answered in full: the stream is
+                # intact (the SDK raised on a complete response, such as a
+                # failed login, or an interruption came before the first
+                # byte of a request or after the last byte of its answer).
+                # Anything else (a request still owed an answer, a stand-in,
+                # which gives no such evidence) stays in flight: discarded.
                 slot.in_flight = False
             raise
         slot.in_flight = False
@@ -408,10 +451,57 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
     return True
 
 
+def _restore_timeout(conn: Any, query_timeout: float | None) -> None:
+    # A query without a deadline after one with: the socket gets the pool's
+    # per-query timeout back (the socket may be gone: a failed query).
+    sock = conn.conn
+    if sock is not None:
+        try:
+            sock.settimeout(query_timeout)
+        except OSError:
+            pass
+
+
+#: How far a socket timeout may differ from the time left before a deadline
+#: and still be kept: setting a timeout is a system call (which releases the
+#: GIL: a thread switch under contention), so consecutive queries with about
+#: the same time left reuse the setting.  A read may end this much after the
+#: deadline.
+TIMEOUT_SLACK = 0.05
+
+
+def bound_socket(sock: Any, left: float, query_timeout: float | None = None) -> None:
+    """Make the next read or write of ``sock`` end within about ``left`` seconds
+    (or ``query_timeout``, if shorter), give or take ``TIMEOUT_SLACK``."""
+    if sock is None:
+        return
+    if query_timeout is not None and query_timeout < left:
+        left = query_timeout
+    left = max(left, 0.001)  # 0 would make the socket non-blocking
+    current = sock.gettimeout()
+    if current is None or abs(current - left) > TIMEOUT_SLACK:
+        sock.settimeout(left)
+
+
+def _within(sock: Any, deadline: float) -> None:
+    # Before a read of a response: shorten the socket's timeout if it would
+    # let the read end later than the deadline (never lengthen it: it may be
+    # the shorter query_timeout).
+    left = deadline - _deadline_clock()
+    if left <= 0:
+        raise socket.timeout("the deadline passed while reading a response")
+    current = sock.gettimeout()
+    if current is None or current > left + TIMEOUT_SLACK:
+        sock.settimeout(left)
+
+
 # The wire framing (see the SDK's Connector and ../shared/docs/APERTUREDB.md):
 # a native-order unsigned int length prefix, then the protobuf message.
 _FRAME_LEN = struct.Struct("@I")
 _LARGE_MESSAGE = 2048 * 2**20  # the server's default limit on one message
+#: The largest response frame accepted: the protocol's message limit (newer
+#: servers: 2 GiB).  A larger length prefix is not an ApertureDB answer.
+MAX_FRAME = _LARGE_MESSAGE
 
 
 def write_frame(sock: Any, data: bytes) -> None:
@@ -426,10 +516,19 @@ class FrameDesync(ValueError):
     """More bytes arrived than the frame being read: the stream is out of step."""
 
 
+class FrameTooLarge(ValueError):
+    """A length prefix above the protocol's limit: the peer is not speaking the
+    protocol, or the stream is out of step."""
+
+
 _RECV_CHUNK = 16384  # one read covers a typical response, header and body
+# Reads of a large body go through a buffer of at most this size, so memory
+# grows with what has arrived, never with what a length prefix announces.
+_BODY_CHUNK = 1 << 20
 
 
-def read_frame(sock: Any, scratch: memoryview | None = None) -> bytes | bytearray | None:
+def read_frame(sock: Any, scratch: memoryview | None = None,
+               deadline: float | None = None) -> bytes | bytearray | None:
     """Read one framed message; None if the peer closed the connection first.
 
     One ``recv_into`` usually brings the length prefix and the whole body
@@ -437,34 +536,48 @@ def read_frame(sock: Any, scratch: memoryview | None = None) -> bytes | bytearra
     retakes the GIL).  ``scratch`` is the caller's reusable buffer of
     ``_RECV_CHUNK`` bytes; it never holds data between calls.  Bytes beyond the
     frame mean the server sent something nobody asked for: ``FrameDesync``.
-    A length prefix split across reads is completed instead of misread.
+    A length prefix split across reads is completed instead of misread; one
+    above ``MAX_FRAME`` raises ``FrameTooLarge`` before anything is allocated,
+    and a large body is collected as it arrives (never allocated up front).
+    With ``deadline`` (a ``time.monotonic()`` value) every read is bounded by
+    the time left (see ``bound_socket``), so the whole frame is:
+    ``socket.timeout`` when it passes.
     """
     if scratch is None:
         scratch = memoryview(bytearray(_RECV_CHUNK))
+    if deadline is not None:
+        _within(sock, deadline)
     got = sock.recv_into(scratch)
     while got < 4:
         if got == 0:
             return None  # EOF
+        if deadline is not None:
+            _within(sock, deadline)
         k = sock.recv_into(scratch[got:4])
         if k == 0:
             return None  # EOF inside the length prefix
         got += k
     (n,) = _FRAME_LEN.unpack_from(scratch)
+    if n > MAX_FRAME:
+        raise FrameTooLarge(f"a response frame announced {n} bytes, more than the protocol's "
+                            f"limit of {MAX_FRAME}: the peer is not an ApertureDB server, or "
+                            f"the stream is out of step")
     end = 4 + n
     if got >= end:
         if got > end:
             raise FrameDesync(f"{got - end} byte(s) arrived beyond a {n}-byte response frame")
         return scratch[4:end].tobytes()
-    # Larger than what arrived so far (or than the scratch buffer).
-    body = bytearray(n)
-    have = got - 4
-    body[:have] = scratch[4:got]
-    view = memoryview(body)
-    while have < n:
-        k = sock.recv_into(view[have:])
+    # Larger than what arrived so far (or than the scratch buffer): grow the
+    # body with what arrives, through a bounded buffer.
+    body = bytearray(scratch[4:got])
+    chunk = memoryview(bytearray(min(n - len(body), _BODY_CHUNK)))
+    while len(body) < n:
+        if deadline is not None:
+            _within(sock, deadline)
+        k = sock.recv_into(chunk, min(n - len(body), len(chunk)))
         if not k:
             return None  # EOF inside the body
-        have += k
+        body += chunk[:k]
     return body
 
 

@@ -81,6 +81,17 @@ class QueryTimeout(OutcomeUnknown, TimeoutError):
     """No response arrived within the per-query timeout.  The outcome is unknown."""
 
 
+class ConnectorUnusable(LeaseError):
+    """A leased connector refused to send a query: an earlier query on it failed or
+    was interrupted before its answer was read, and that answer could be read as
+    the new query's.  The new query was not sent.  End the lease (the connector
+    is discarded) and lease another connector.  ``query`` is the query refused."""
+
+    def __init__(self, message: str, *, query: Any = None) -> None:
+        super().__init__(message)
+        self.query = query
+
+
 class ServerUnreachable(PoolError, TimeoutError):
     """The pool could not reach the server before the caller's deadline."""
 
@@ -95,6 +106,7 @@ __all__ = [
     "PoolTimeout",
     "TooManyWaiters",
     "LeaseError",
+    "ConnectorUnusable",
     "ConnectorError",
     "ConnectFailed",
     "OutcomeUnknown",

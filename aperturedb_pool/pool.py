@@ -138,6 +138,7 @@ import os
 import queue
 import random
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -179,6 +180,12 @@ _CPU_WINDOW_MAX = 1.0
 _CPU_BOUND_ENTER = 0.85  # cores: the GIL is (nearly) always held
 _CPU_BOUND_LEAVE = 0.65
 _process_time = time.process_time  # replaced by tests
+# A slot out of the pool with no holder pointing back at it for this long was
+# lost to an interruption (see "Interruptions"; tests shorten it).
+_LOST_GRACE = 1.0
+# sys.getrefcount of a holder that nothing but its slot refers to, as counted
+# in _find_lost (the slot, the local variable, getrefcount's argument).
+_HOLDER_UNREFERENCED = 3
 _get_ident = threading.get_ident
 _ids = itertools.count(1)
 
@@ -191,7 +198,8 @@ class _Slot:
 
     __slots__ = ("conn", "id", "created", "expires", "returned", "generation", "in_flight",
                  "phase", "poller", "owner", "check_owner", "leased_at", "lease_stack",
-                 "leak_reported", "keepalive_due", "tracked", "jitter", "uses", "__weakref__")
+                 "leak_reported", "keepalive_due", "tracked", "jitter", "uses", "holder",
+                 "suspect", "__weakref__")
 
     def __init__(self, conn: Any, generation: int, now: float, lifetime: float | None,
                  keepalive: float | None) -> None:
@@ -213,6 +221,13 @@ class _Slot:
         self.lease_stack: list[str] | None = None
         self.leak_reported = False
         self.uses = 0  # leases granted; written only by the thread holding the slot
+        # Who may put this slot back (see "Interruptions"): the Lease or
+        # _Waiter it was given to, _MAINTENANCE while the background thread
+        # pings it, None while idle.  Set before the holder's own reference.
+        self.holder: Any = None
+        # (since, signature) while the maintenance thread suspects that no one
+        # will put this slot back (see ConnectionPool._find_lost).
+        self.suspect: tuple[float, tuple[int, int, float]] | None = None
         # This connector's keepalive period factor: connectors used together
         # are not pinged together.
         self.jitter = 1.0 - 0.1 * random.random()
@@ -227,14 +242,57 @@ class _ThreadMarks(threading.local):
 
 
 class _Waiter:
-    __slots__ = ("lock", "slot", "since", "waited")
+    # ``_slot``: the slot handed to this waiter (the same name as Lease's, so
+    # that one test tells whether a slot's holder still holds it).
+    __slots__ = ("lock", "_slot", "since", "waited")
 
     def __init__(self, now: float) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
-        self.slot: _Slot | None = None
+        self._slot: _Slot | None = None
         self.since = now
-        self.waited = 0.0  # the wait counted when ``slot`` was given (see _abandon_wait)
+        self.waited = 0.0  # the wait counted when ``_slot`` was given (see _abandon_wait)
+
+
+class _Maintenance:
+    """``_Slot.holder`` while the background thread pings the slot."""
+
+    _slot = None
+
+    def __repr__(self) -> str:
+        return "<maintenance>"
+
+
+_MAINTENANCE: Any = _Maintenance()
+
+
+class _Wakeup:
+    """Wakes the background thread.  ``set()`` is one C call (``SimpleQueue.put``)
+    and takes no Python-level lock, so an exception delivered to the thread that
+    calls it (a signal handler, an asynchronous exception) cannot leave a lock
+    held, as ``threading.Event.set()`` could (its Condition is Python code)."""
+
+    __slots__ = ("_q",)
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def set(self) -> None:
+        self._q.put(None)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until ``set()`` was called (since the last wait) or ``timeout``
+        passed; True if it was called.  Consumes every call so far."""
+        q = self._q
+        try:
+            q.get(timeout=timeout) if timeout is None or timeout > 0 else q.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                return True
 
 
 class _ReleasedMark:
@@ -304,6 +362,10 @@ class Lease:
                 except IndexError:  # taken since the test
                     pass
                 else:
+                    # Holder first, then the lease's own reference: an
+                    # interruption in between leaves a slot the maintenance
+                    # thread finds (see "Interruptions").
+                    slot.holder = self
                     if (slot.generation == pool._generation and now < slot.expires and
                             pool._fast and
                             (now - slot.returned <= pool.probe_after or slot.poller is None or
@@ -328,6 +390,7 @@ class Lease:
                         # Append first, then look for waiters and close()
                         # (see "Locking").
                         self._slot = _RELEASED
+                        slot.holder = None
                         slot.returned = now
                         pool._idle.append(slot)
                         if pool._waiters or not pool._fast:
@@ -343,6 +406,7 @@ class Lease:
                         # with callers waiting this is the hot path.
                         tls.released = now
                         self._slot = _RELEASED
+                        slot.holder = None
                         slot.returned = now
                         idle = pool._idle
                         if idle:
@@ -387,26 +451,11 @@ class Lease:
 
 
 class _ManualLease(Lease):
-    """The lease returned by ``acquire()``: reclaimed with a ResourceWarning if dropped."""
+    """The lease returned by ``acquire()``.  One dropped without ``release()`` is
+    found by the maintenance thread (nothing but its slot refers to it any
+    more: see "Interruptions") and its connector closed, with a ResourceWarning."""
 
     __slots__ = ()
-
-    def __del__(self) -> None:
-        slot = self._slot
-        if slot is not None and slot is not _RELEASED:
-            self._slot = _RELEASED
-            try:
-                warnings.warn(f"a lease of pool {self._pool.name!r} was garbage-collected without "
-                              f"release(); its connector is closed (call release() or use "
-                              f"'with pool.lease()')", ResourceWarning, stacklevel=2)
-                # The holder may still have the connector: never reuse it.
-                # No lock may be taken here (the garbage collector can run
-                # this while the same thread holds the pool's lock): hand the
-                # slot to the background thread through a reentrant-safe queue.
-                slot.in_flight = True
-                self._pool._reclaimed.put(slot)
-            except Exception:  # pragma: no cover - interpreter shutdown
-                pass
 
 
 def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
@@ -619,10 +668,9 @@ class ConnectionPool:
 
         self._lock = threading.Lock()
         self._init_state()
-        self._bg_wakeup = threading.Event()
+        self._bg_wakeup = _Wakeup()
         self._bg_thread: threading.Thread | None = None
         self._tls = _ThreadMarks()  # per thread: when it last returned a lease
-        self._ready = threading.Condition(self._lock)
         _all_pools.add(self)
         if open:
             self.open()
@@ -651,10 +699,11 @@ class ConnectionPool:
         self._open_requests = 0
         self._to_close: list[tuple[Any, str]] = []
         self._opens_running = 0
-        # Slots of leases garbage-collected without release: filled from
-        # __del__ (SimpleQueue.put is safe there), drained by the background.
-        self._reclaimed: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        self._pings: list[_Slot] = []
+        # Callers of wait_ready(), each blocked on its own lock (created
+        # locked): released by _notify_ready when the pool's readiness may
+        # have changed.  A plain lock's release is one C call, which an
+        # interruption cannot split (a Condition's notify is Python code).
+        self._ready_waiters: list[threading.Lock] = []
         self._closed = False
         self._opened = False
         self._generation = 0
@@ -672,7 +721,6 @@ class ConnectionPool:
         # Leases granted: this plus the live slots' ``uses`` (a dropped slot's
         # count moves here), so the hot path counts without the lock.
         self._granted_base = 0
-        self._pid = os.getpid()
 
     def open(self, wait: bool = False, timeout: float | None = None) -> "ConnectionPool":
         """Start the pool: open ``min_size`` connectors in the background.
@@ -703,8 +751,10 @@ class ConnectionPool:
         if self._bg_thread is None and self._opened:
             self._ensure_bg()  # first use in a forked child
         deadline = _monotonic() + timeout
-        with self._lock:
-            while True:
+        while True:
+            ready = threading.Lock()
+            ready.acquire()
+            with self._lock:
                 if self._closed:
                     raise PoolClosed(f"pool {self.name!r} is closed")
                 if self._size >= self.min_size:
@@ -716,9 +766,19 @@ class ConnectionPool:
                 left = deadline - _monotonic()
                 if left <= 0:
                     raise PoolTimeout(
-                        f"pool {self.name!r}: {self._size} of min_size {self.min_size} connectors "
-                        f"open after {timeout:.3g} s; last error: {err!r}") from err
-                self._ready.wait(left)
+                        f"pool {self.name!r}: {self._size} of min_size {self.min_size} "
+                        f"connectors open after {timeout:.3g} s; last error: {err!r}") from err
+                self._ready_waiters.append(ready)
+            ready.acquire(timeout=left)
+
+    def _notify_ready(self) -> None:
+        # Under the lock: wake every wait_ready() caller to look again.
+        for ready in self._ready_waiters:
+            try:
+                ready.release()
+            except RuntimeError:  # pragma: no cover - released already
+                pass
+        self._ready_waiters.clear()
 
     # -- leasing -----------------------------------------------------------
     def lease(self, timeout: float | None = None) -> Lease:
@@ -752,34 +812,39 @@ class ConnectionPool:
     def _acquire(self, lease: Lease) -> None:
         if lease._slot is not None:
             raise LeaseError("this lease is already acquired; use a new pool.lease()")
-        now = _monotonic()
+        start = _monotonic()
+        timeout = (self.timeout if lease._timeout is None else
+                   _required_duration("timeout", lease._timeout))
+        # One absolute deadline for the whole acquisition: a connector that
+        # turns out unusable after a wait is replaced within the same time.
+        deadline = start + timeout
         me = _get_ident()
-        lock = self._lock
-        lock.acquire()
-        lease._req = now
-        slot = None
-        if not self._closed and now < self._overdue_at:
-            slot = self._pop_idle()
-        lock.release()
-        if slot is None:
-            slot = self._wait_for_slot(lease, now)
+        lease._req = start
+        while True:
             now = _monotonic()
-        # Outside the lock: a connector the pool could know is unusable is
-        # never handed out.
-        if (slot.generation != self._generation or now >= slot.expires or self._closed or
-                (now - slot.returned > self.probe_after and self._unhealthy(slot))):
-            self._discard_checked_out(slot)
-            if lease._timeout is None:
-                lease._timeout = self.timeout
-            # The retry waits only for what is left of the caller's time.
-            lease._timeout = max(0.0, lease._timeout - (_monotonic() - now))
-            return self._acquire(lease)
+            slot = None
+            with self._lock:
+                if not self._closed and now < self._overdue_at:
+                    slot = self._pop_idle()
+                    if slot is not None:
+                        slot.holder = lease
+            if slot is None:
+                slot = self._wait_for_slot(lease, start, deadline, timeout)
+                slot.holder = lease
+                now = _monotonic()
+            # Outside the lock: a connector the pool could know is unusable is
+            # never handed out.
+            if (slot.generation != self._generation or now >= slot.expires or self._closed or
+                    (now - slot.returned > self.probe_after and self._unhealthy(slot))):
+                self._discard_checked_out(slot)
+                continue
+            break
         slot.owner = me
         # When this lease was asked for (a fast-path checkout stores the same:
         # it asks and gets at once): the looping test of the return compares
         # it with the thread's previous return.  With leak tracking, when it
         # was granted (the age the leak warning reports).
-        slot.leased_at = lease._req
+        slot.leased_at = start
         slot.uses += 1
         if self.leak_threshold is not None:
             slot.leased_at = _monotonic()
@@ -899,19 +964,19 @@ class ConnectionPool:
             if self._waiters[0] is me:
                 self._waiters.popleft()
                 self._queue_changed()
+                slot.holder = me
+                me._slot = slot
                 return slot
             self._handoff(slot)
         return None
 
-    def _wait_for_slot(self, lease: Lease, start: float) -> _Slot:
-        timeout = (self.timeout if lease._timeout is None else
-                   _required_duration("timeout", lease._timeout))
-        self._drain_reclaimed()
-        deadline = start + timeout
+    def _wait_for_slot(self, lease: Lease, start: float, deadline: float,
+                       timeout: float) -> _Slot:
+        # ``start``: when the lease was asked for (the waiter's place in the
+        # fairness order); ``deadline``: when the whole acquisition gives up.
         waiter = _Waiter(start)
         slot: _Slot | None
-        lock = self._lock
-        with lock:
+        with self._lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
             if not self._opened:
@@ -924,6 +989,7 @@ class ConnectionPool:
             slot = self._pop_idle()
             if slot is not None:
                 if start < self._overdue_at:
+                    slot.holder = lease
                     return slot
                 self._handoff(slot)
             if self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
@@ -935,13 +1001,14 @@ class ConnectionPool:
                     f"load")
             if not self._waiters:  # contention starts (again)
                 self._forget_stale_cpu_bound(start)
-            self._waiters.append(waiter)
-            self._queue_changed()
             try:
+                self._waiters.append(waiter)
+                self._queue_changed()
                 # Appended before this second look (see "Locking"): a fast
                 # return either left its slot for this look or sees the waiter.
                 slot = self._serve_from_idle(waiter)
                 if slot is not None:
+                    slot.holder = lease
                     return slot
                 self._maybe_grow()
             except BaseException:
@@ -960,7 +1027,7 @@ class ConnectionPool:
     def _abandon_wait(self, waiter: _Waiter) -> None:
         with self._lock:
             self._remove_waiter(waiter)
-            slot, waiter.slot = waiter.slot, None
+            slot, waiter._slot = waiter._slot, None
             if slot is not None:
                 # Given, then abandoned: the caller got no lease, so its wait
                 # is not counted as a lease that waited (the longest wait
@@ -979,6 +1046,7 @@ class ConnectionPool:
         elif self._waiters:
             self._handoff(slot)
         else:
+            slot.holder = None
             self._idle.append(slot)
 
     def _close_pending_if_closed(self) -> None:
@@ -1006,23 +1074,30 @@ class ConnectionPool:
             left = deadline - _monotonic()
             got = waiter.lock.acquire(timeout=min(max(left, 0.0), slice_)) if left > 0 else False
             if got:
-                slot = waiter.slot
+                slot = waiter._slot
                 if slot is None:  # woken by close()
                     raise PoolClosed(f"pool {self.name!r} was closed while waiting")
                 break
             with lock:
-                if waiter.slot is not None:  # handed over as we timed out
-                    slot = waiter.slot
+                if waiter._slot is not None:  # handed over as we timed out
+                    slot = waiter._slot
                     break
                 now = _monotonic()
                 if self._closed:
                     self._remove_waiter(waiter)
                     raise PoolClosed(f"pool {self.name!r} was closed while waiting")
+                if waiter not in self._waiters:
+                    # A hand-off interrupted between taking this waiter off
+                    # the queue and giving it the connector: queue again, at
+                    # the head (its connector is found by the maintenance
+                    # thread).
+                    self._waiters.appendleft(waiter)
+                    self._queue_changed()
                 # Idle connectors left by barging threads go to the waiters
                 # in order, this one included.
                 slot = self._serve_from_idle(waiter)
                 if slot is not None:
-                    waiter.slot = slot  # recorded: see _abandon_wait
+                    waiter._slot = slot  # recorded: see _abandon_wait
                     waiter.waited = now - start
                     self._count_wait(waiter.waited)
                     break
@@ -1032,7 +1107,8 @@ class ConnectionPool:
                     raise PoolTimeout(self._timeout_message(timeout))
                 self._maybe_grow()
             slice_ = min(max(slice_ * 2, 0.005), 0.25)
-        waiter.slot = None  # the caller has it now
+        # ``waiter._slot`` stays set until the caller holds the slot: an
+        # interruption before then is undone by _abandon_wait.
         return slot
 
     def _remove_waiter(self, waiter: _Waiter) -> None:
@@ -1067,13 +1143,14 @@ class ConnectionPool:
         # here, so the woken thread goes straight to its connector (the time
         # it takes to wake up is time the connector sits unused).
         waiter = self._waiters.popleft()
-        now = _monotonic()
         self._queue_changed()
+        now = _monotonic()
         if now >= self._cpu_next and self._handoff_cpu_bound != self._handoff_normal:
             self._sample_cpu(now)
         waiter.waited = now - waiter.since
         self._count_wait(waiter.waited)
-        waiter.slot = slot
+        slot.holder = waiter
+        waiter._slot = slot
         waiter.lock.release()
 
     def _sample_cpu(self, now: float) -> None:
@@ -1176,10 +1253,8 @@ class ConnectionPool:
             elif now >= slot.expires:
                 drop_reason = "expired"
         slot.returned = now
-        lock = self._lock
-        lock.acquire()
         closed_now = False
-        try:
+        with self._lock:
             if slot not in self._all:
                 # Leased before a fork, or reclaimed: not part of the pool's
                 # accounting any more.
@@ -1201,9 +1276,8 @@ class ConnectionPool:
                     if self._waiters and (not looper or now >= self._overdue_at):
                         self._handoff(slot)
                     else:
+                        slot.holder = None
                         self._idle.append(slot)
-        finally:
-            lock.release()
         if wake:
             self._bg_wakeup.set()
         if closed_now:
@@ -1303,7 +1377,7 @@ class ConnectionPool:
                 self._drop(slot, "closed")
             self._open_requests = 0
             self._opening = 0
-            self._ready.notify_all()
+            self._notify_ready()
         for w in waiters:
             w.lock.release()  # slot None: the waiter raises PoolClosed
         if timeout and not already:
@@ -1348,8 +1422,11 @@ class ConnectionPool:
 
     # -- stats ---------------------------------------------------------------
     def stats(self, reset: bool = False) -> PoolStats:
-        """An immutable snapshot; with ``reset=True`` the counters restart at zero."""
-        self._drain_reclaimed()
+        """An immutable snapshot; with ``reset=True`` the counters restart at zero.
+
+        Leases dropped without release are reclaimed first (see "Interruptions").
+        """
+        self._recover_lost(_monotonic())
         with self._lock:
             self._forget_stale_cpu_bound(_monotonic())
             c = dict(self._c)
@@ -1383,35 +1460,20 @@ class ConnectionPool:
         idempotent: every command a read (see ``retry.is_read_only``), or
         ``idempotent=True``.  Otherwise ``OutcomeUnknown`` is raised, carrying the
         query, and the query is never re-sent.  ``timeout`` is the per-query
-        socket timeout (default: the pool's ``query_timeout``).
+        bound of each attempt's whole exchange, request and response (default:
+        the pool's ``query_timeout``, a bound of each read); the policy's
+        ``deadline`` bounds every attempt's exchange too.  Past either,
+        ``QueryTimeout`` (an unknown outcome) and the connector is discarded.
         """
         if idempotent is None:
             idempotent = self._is_read_only(q)
         blobs = [] if blobs is None else blobs
-        if timeout is None:
-            # The common case: the attempt is conn.query(q, blobs), run by
-            # _run_policy itself (no closure per call).
-            return self._run_policy(None, idempotent=idempotent, retry=retry,
-                                    describe=lambda: _describe_query(q), q=q, blobs=blobs)
-        qt = _check_duration("timeout", timeout, allow_zero=False)
-
-        def attempt(conn: Any) -> Any:
-            if qt is None:
-                return conn.query(q, blobs)
-            sock = socket_of(conn)
-            if sock is None:
-                return conn.query(q, blobs)
-            sock.settimeout(qt)
-            try:
-                return conn.query(q, blobs)
-            finally:
-                try:
-                    sock.settimeout(self.query_timeout)
-                except OSError:
-                    pass
-
-        return self._run_policy(attempt, idempotent=idempotent, retry=retry,
-                                describe=lambda: _describe_query(q))
+        qt = None if timeout is None else _check_duration("timeout", timeout, allow_zero=False)
+        # Each attempt is conn.query(q, blobs), run by _run_policy itself (no
+        # closure per call).
+        return self._run_policy(None, idempotent=idempotent, retry=retry,
+                                describe=lambda: _describe_query(q), q=q, blobs=blobs,
+                                attempt_timeout=qt)
 
     def run(self, fn: Callable[..., T], *args: Any, retry: Any = None, **kwargs: Any) -> T:
         """Run ``fn(conn, *args, **kwargs)`` with a leased connector, under the policy.
@@ -1426,11 +1488,13 @@ class ConnectionPool:
                                 retry=retry, describe=getattr(fn, "__name__", "callable"))
 
     def _run_policy(self, body: Callable[[Any], T] | None, *, idempotent: bool, retry: Any,
-                    describe: str | Callable[[], str], q: Any = None, blobs: Any = None) -> T:
+                    describe: str | Callable[[], str], q: Any = None, blobs: Any = None,
+                    attempt_timeout: float | None = None) -> T:
         # body None: each attempt is conn.query(q, blobs).
         policy = self.retry if retry is None else retry
 
         def one_attempt(remaining: float | None) -> T:
+            started = _monotonic()
             wait = self.timeout if remaining is None else max(0.0, min(self.timeout, remaining))
             # A plain Lease (its fast paths), released below on every path.
             lease = Lease(self, wait)
@@ -1447,13 +1511,28 @@ class ConnectionPool:
                         f"deadline. Check that the server is up and reachable") from e
                 raise
             slot = lease._slot
-            reached = slot.phase.reached if slot is not None else 0
+            phase = slot.phase if slot is not None and slot.tracked else None
+            # The policy's deadline (and the per-call timeout) bound the
+            # exchange itself, not only the wait for a connector: the
+            # connector's wrappers bound every read by it.  Cleared before the
+            # connector goes back: an interruption before the clearing skips
+            # the return too (the slot is then recovered, never reused with a
+            # stale deadline).
+            until = None if remaining is None else started + remaining
+            if attempt_timeout is not None:
+                own = _monotonic() + attempt_timeout
+                until = own if until is None else min(until, own)
+            if phase is not None:
+                phase.deadline = until
+            reached = phase.reached if phase is not None else 0
             try:
                 result = conn.query(q, blobs) if body is None else body(conn)
             except BaseException as e:
+                if phase is not None:
+                    phase.deadline = None
                 lease.__exit__(type(e), e, None)  # counts an unknown outcome
-                if (isinstance(e, ConnectFailed) and not idempotent and slot is not None and
-                        slot.phase.reached > reached):
+                if (isinstance(e, ConnectFailed) and not idempotent and phase is not None and
+                        phase.reached > reached):
                     # This query was not sent, but an earlier one of the same
                     # unit may have run: the unit as a whole must not be re-run.
                     unknown = OutcomeUnknown(
@@ -1464,6 +1543,8 @@ class ConnectionPool:
                     self._count("unknown_outcomes")
                     raise unknown from e
                 raise
+            if phase is not None:
+                phase.deadline = None
             lease.__exit__(None, None, None)
             return result
 
@@ -1547,21 +1628,6 @@ class ConnectionPool:
                 response[0].get("GetStatus", {}).get("status") == 0):
             raise ConnectorError(f"unexpected GetStatus response: {str(response)[:200]}")
 
-    def _drain_reclaimed(self) -> None:
-        # Leases dropped without release (see _ManualLease.__del__).  Called
-        # from ordinary code paths (never a finalizer), so taking the lock is safe.
-        while not self._reclaimed.empty():
-            try:
-                slot = self._reclaimed.get_nowait()
-            except queue.Empty:
-                return
-            with self._lock:
-                if slot in self._all:
-                    self._drop(slot, "reclaimed")
-                    self._maybe_grow()
-            self._bg_wakeup.set()
-            self._close_pending_if_closed()
-
     def _open_worker(self) -> None:
         ok = False
         try:
@@ -1589,7 +1655,7 @@ class ConnectionPool:
                 delay = random.uniform(0, min(self.reconnect_max, self.reconnect_initial *
                                               2 ** (self._open_failures - 1)))
                 self._next_open_at = now + delay
-                self._ready.notify_all()
+                self._notify_ready()
             logger.warning("pool %r: opening a connector failed (%d in a row): %s; next try "
                            "in %.3f s", self.name, self._open_failures, e, delay)
             return False
@@ -1608,13 +1674,12 @@ class ConnectionPool:
                 self._handoff(slot)
             else:
                 self._idle.appendleft(slot)
-            self._ready.notify_all()
+            self._notify_ready()
         return True
 
     def _maintain(self, now: float) -> float:
         """One round of background work; returns seconds until the next round."""
-        next_round = 1.0
-        self._drain_reclaimed()
+        next_round = min(1.0, self._recover_lost(now))
         self._log_cpu_note()
         # Opens requested by waiters, shrinking and min_size: each in an
         # opener thread, so that a slow or hanging connect never stalls the
@@ -1659,6 +1724,7 @@ class ConnectionPool:
                     keep.append(slot)
                     continue
                 if verdict == "ping":
+                    slot.holder = _MAINTENANCE
                     pings.append(slot)
                     self._pinging += 1
                 else:
@@ -1692,6 +1758,70 @@ class ConnectionPool:
             self._keepalive(slot)
         self._close_pending()
         return next_round
+
+    def _recover_lost(self, now: float) -> float:
+        """Close and replace the connectors no one will ever return (background
+        thread; see "Interruptions").  Returns seconds until a suspect is due."""
+        with self._lock:
+            if self._closed:
+                return math.inf
+            lost, dropped, due = self._find_lost(now)
+            for slot in dropped:
+                self._drop(slot, "reclaimed")
+            for slot in lost:
+                self._drop(slot, "lost")
+            if lost or dropped:
+                self._maybe_grow()
+        for _ in dropped:
+            warnings.warn(f"a lease of pool {self.name!r} was dropped without release(); its "
+                          f"connector is closed (call release() or use 'with pool.lease()')",
+                          ResourceWarning, stacklevel=1)
+        if lost:
+            logger.warning("pool %r: %d connector(s) left in no one's hands by an interrupted "
+                           "lease or return; closed and replaced", self.name, len(lost))
+        return max(0.01, due - now)
+
+    def _find_lost(self, now: float) -> tuple[list[_Slot], list[_Slot], float]:
+        # Under the lock.  A live slot out of _idle and not pinged is held
+        # while its holder's _slot is the slot and something besides the slot
+        # refers to the holder (a thread's frame, the with statement's exit,
+        # the caller's variable).  A holder only the slot refers to can never
+        # return it: "dropped", reclaimed at once.  A slot with no holder, or
+        # a holder that does not point back, is either in passage (between
+        # two statements of a lease path) or lost there: it is lost when it
+        # stays so, unchanged, for _LOST_GRACE.  A lease path that resumes
+        # after that (a thread starved of the GIL that long) finds its
+        # connector closed: its query fails, it is never shared.
+        idle = set(self._idle.copy())
+        lost: list[_Slot] = []
+        dropped: list[_Slot] = []
+        due = math.inf
+        for slot in self._all:
+            holder = slot.holder
+            if holder is _MAINTENANCE or (holder is None and slot in idle):
+                slot.suspect = None
+                continue
+            if holder is not None and holder._slot is slot:
+                # The slot's reference, this frame's and getrefcount's own
+                # argument: nothing else.
+                if sys.getrefcount(holder) <= _HOLDER_UNREFERENCED:
+                    # A lease the caller let go of (or whose return was
+                    # interrupted at its start), or a waiter whose thread
+                    # left without taking its connector.
+                    (dropped if isinstance(holder, Lease) else lost).append(slot)
+                else:
+                    slot.suspect = None
+                continue
+            sign = (id(holder), slot.uses, slot.returned)
+            suspect = slot.suspect
+            if suspect is None or suspect[1] != sign:
+                slot.suspect = (now, sign)
+                due = min(due, now + _LOST_GRACE)
+            elif now - suspect[0] >= _LOST_GRACE:
+                lost.append(slot)
+            else:
+                due = min(due, suspect[0] + _LOST_GRACE)
+        return lost, dropped, due
 
     def _idle_verdict(self, slot: _Slot, now: float, excess: int) -> str | None:
         # Under the lock: what maintenance does with an idle slot (None: keep).
@@ -1741,6 +1871,7 @@ class ConnectionPool:
                 if self._waiters:
                     self._handoff(slot)
                 else:
+                    slot.holder = None
                     self._idle.appendleft(slot)
         if not ok:
             logger.info("pool %r: connector %d failed its keepalive (%s)", self.name, slot.id,
@@ -1756,8 +1887,7 @@ class ConnectionPool:
         # shut them down; forget them without touching their sockets.
         old = list(self._all)
         self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
-        self._bg_wakeup = threading.Event()
+        self._bg_wakeup = _Wakeup()
         self._bg_thread = None
         self._tls = _ThreadMarks()
         was_open, was_closed = self._opened, self._closed
@@ -1825,13 +1955,12 @@ def _forget_without_closing(conns: Iterator[Any]) -> None:
             conn.connected = False
 
 
-def _maintenance_loop(pool_ref: "weakref.ref[ConnectionPool]", wakeup: threading.Event) -> None:
+def _maintenance_loop(pool_ref: "weakref.ref[ConnectionPool]", wakeup: _Wakeup) -> None:
     """The background thread: holds the pool only through a weak reference, so a
     pool dropped without close() is still garbage-collected (and the thread ends)."""
     delay = 0.0
     while True:
-        wakeup.wait(timeout=delay)
-        wakeup.clear()
+        wakeup.wait(delay)
         pool = pool_ref()
         if pool is None:
             return

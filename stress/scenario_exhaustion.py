@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
             drop()
             gc.collect()
+            st2 = pool.stats()  # reclaims what nothing refers to any more
         rw = [w for w in caught if issubclass(w.category, ResourceWarning)]
-        st2 = pool.stats()
         sc.figure(reclaimed=st2.discarded.get("reclaimed", 0))
         sc.check("a dropped lease is reclaimed with a ResourceWarning",
                  len(rw) == 1 and "release()" in str(rw[0].message),

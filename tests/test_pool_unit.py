@@ -575,6 +575,7 @@ def test_dropped_acquire_lease_is_reclaimed_with_resource_warning(make_pool: Any
     with pytest.warns(ResourceWarning, match="without release"):
         del lease
         gc.collect()
+        pool.stats()  # reclaims a lease nothing refers to any more
     wait_until(lambda: conn.closed, what="reclaimed connector closed")
     s = pool.stats()
     assert s.discarded.get("reclaimed") == 1 and s.leased == 0
@@ -1659,7 +1660,7 @@ def test_dropping_a_stale_connector_for_a_waiter_starts_the_refill(make_pool: An
 
 def _queue_waiter(pool: ConnectionPool, since: float) -> Any:
     """A waiter queued by hand (no thread): whether a return hands it the
-    connector or keeps it idle shows in ``waiter.slot``, and nothing sleeps."""
+    connector or keeps it idle shows in ``waiter._slot``, and nothing sleeps."""
     waiter = pool_mod._Waiter(since)
     with pool._lock:
         pool._waiters.append(waiter)
@@ -1683,12 +1684,12 @@ def test_a_cpu_bound_process_stretches_the_hand_off_threshold(
     assert (s.cpu_bound, s.handoff_after) == (True, pytest.approx(0.06))
     clock.advance(0.03)  # overdue at 10 ms, not at 100 ms: the loop keeps its connector
     lease.__exit__(None, None, None)
-    assert waiter.slot is None
+    assert waiter._slot is None
     lease = pool.lease(timeout=0)
     assert lease.__enter__() is conn
     clock.advance(0.04)  # 70 ms: overdue at 100 ms too, the next return hands over
     lease.__exit__(None, None, None)
-    assert waiter.slot is not None and waiter.slot.conn is conn
+    assert waiter._slot is not None and waiter._slot.conn is conn
     pool._abandon_wait(waiter)  # the connector goes back
     with pool.lease(timeout=0) as again:
         assert again is conn
@@ -1836,7 +1837,7 @@ def test_a_hand_off_the_waiter_abandons_is_not_counted_as_a_lease_that_waited(
         pool._waiters.append(waiter)
         pool._queue_changed()
     held.release()  # not a loop: handed over to the waiter
-    assert waiter.slot is not None and waiter.slot.conn is conn
+    assert waiter._slot is not None and waiter._slot.conn is conn
     s = pool.stats()
     assert (s.leases_waited, s.waiting) == (1, 0) and s.wait_time_total >= 0.25
     pool._abandon_wait(waiter)  # what an interrupted waiter does
