@@ -186,6 +186,9 @@ _LOST_GRACE = 1.0
 # sys.getrefcount of a holder that nothing but its slot refers to, as counted
 # in _find_lost (the slot, the local variable, getrefcount's argument).
 _HOLDER_UNREFERENCED = 3
+# A waiter whose timed wake-ups have backed off to this (it has waited about
+# twice as long) wakes the background thread at each of them.
+_LONG_WAIT = 0.08
 _get_ident = threading.get_ident
 _ids = itertools.count(1)
 
@@ -350,33 +353,42 @@ class Lease:
         # racing return appended after the drain is closed, not handed out.
         pool = self._pool
         idle = pool._idle
-        # ``idle`` tested first: popping an empty deque raises, and an
-        # exception costs about as much as a whole lease.  Barging (taking
-        # an idle connector while callers wait) is allowed until the oldest
-        # waiter is overdue; _overdue_at is inf while nobody waits.
-        if idle and self._slot is None and pool._fast:
-            now = _monotonic()
-            if now < pool._overdue_at:
-                try:
-                    slot = idle.pop()
-                except IndexError:  # taken since the test
-                    pass
-                else:
-                    # Holder first, then the lease's own reference: an
-                    # interruption in between leaves a slot the maintenance
-                    # thread finds (see "Interruptions").
-                    slot.holder = self
-                    if (slot.generation == pool._generation and now < slot.expires and
-                            pool._fast and
-                            (now - slot.returned <= pool.probe_after or slot.poller is None or
-                             not pool._unhealthy(slot))):
-                        slot.uses += 1
-                        slot.leased_at = now
-                        self._slot = slot
-                        return slot.conn
-                    pool._discard_checked_out(slot)
-        pool._acquire(self)
-        return self.conn
+        fresh = self._slot is None  # (entering a lease twice must not release it)
+        try:
+            # ``idle`` tested first: popping an empty deque raises, and an
+            # exception costs about as much as a whole lease.  Barging (taking
+            # an idle connector while callers wait) is allowed until the oldest
+            # waiter is overdue; _overdue_at is inf while nobody waits.
+            if idle and fresh and pool._fast:
+                now = _monotonic()
+                if now < pool._overdue_at:
+                    try:
+                        slot = idle.pop()
+                    except IndexError:  # taken since the test
+                        pass
+                    else:
+                        # Holder first, then the lease's own reference: an
+                        # interruption in between leaves a slot the maintenance
+                        # thread finds (see "Interruptions").
+                        slot.holder = self
+                        if (slot.generation == pool._generation and now < slot.expires and
+                                pool._fast and
+                                (now - slot.returned <= pool.probe_after or
+                                 slot.poller is None or not pool._unhealthy(slot))):
+                            slot.uses += 1
+                            slot.leased_at = now
+                            self._slot = slot
+                            return slot.conn
+                        pool._discard_checked_out(slot)
+            pool._acquire(self)
+            return self.conn
+        except BaseException as e:
+            # Interrupted after the connector became this lease's: the with
+            # statement will not call __exit__, so give it back now (it was
+            # never used).
+            if fresh and self._slot is not None and self._slot is not _RELEASED:
+                self._pool._release(self, e)
+            raise
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
         slot = self._slot
@@ -800,7 +812,14 @@ class ConnectionPool:
         if timeout is not None:
             _required_duration("timeout", timeout)
         lease = _ManualLease(self, timeout)
-        self._acquire(lease)
+        try:
+            self._acquire(lease)
+        except BaseException as e:
+            # Interrupted once the connector was the lease's: nobody will
+            # release it.
+            if lease._slot is not None and lease._slot is not _RELEASED:
+                self._release(lease, e)
+            raise
         return lease
 
     def release(self, lease: Lease, error: BaseException | None = None) -> None:
@@ -1106,6 +1125,10 @@ class ConnectionPool:
                     self._c["timeouts"] += 1
                     raise PoolTimeout(self._timeout_message(timeout))
                 self._maybe_grow()
+            if slice_ >= _LONG_WAIT:
+                # Waiting long: let the background thread look for connectors
+                # lost to an interruption now rather than at its next round.
+                self._bg_wakeup.set()
             slice_ = min(max(slice_ * 2, 0.005), 0.25)
         # ``waiter._slot`` stays set until the caller holds the slot: an
         # interruption before then is undone by _abandon_wait.
@@ -1779,6 +1802,8 @@ class ConnectionPool:
         if lost:
             logger.warning("pool %r: %d connector(s) left in no one's hands by an interrupted "
                            "lease or return; closed and replaced", self.name, len(lost))
+        if due < math.inf and threading.current_thread() is not self._bg_thread:
+            self._bg_wakeup.set()  # a suspect seen from stats(): the next round decides
         return max(0.01, due - now)
 
     def _find_lost(self, now: float) -> tuple[list[_Slot], list[_Slot], float]:
