@@ -97,6 +97,12 @@ def _install_noise_filter() -> None:
 
 def clone_factory(template: Any) -> Callable[[], Any]:
     """The template's clone method, or a TypeError naming what is missing."""
+    if isinstance(template, type):
+        # Its clone() is an unbound function: every open would fail with
+        # "missing 1 required positional argument".
+        raise TypeError(
+            f"template: got the class {template.__name__!r}, not a connector; pass an instance, "
+            f"e.g. ConnectionPool({template.__name__}(host=..., user=..., password=...))")
     fn = getattr(template, "clone", None)
     if not callable(fn):
         fn = getattr(template, "create_new_connection", None)
