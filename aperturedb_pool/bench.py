@@ -53,6 +53,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -319,6 +320,9 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 "--password, --tls, --ca-cert, --adb-config)")
     if explicit and a.adb_config is not None:
         p.error("argument --adb-config: not allowed with --host/--port/--user/--password/--tls")
+    if a.user is not None and a.password is None and not sys.stdin.isatty():
+        p.error("argument --user: needs --password when not run on a terminal (there is no "
+                "terminal to prompt on)")
     if a.ca_cert is not None and not os.path.isfile(a.ca_cert):
         p.error(f"argument --ca-cert: no such file: {a.ca_cert}")
     if a.plot is not None:
@@ -378,7 +382,7 @@ def _resolve_target(a: argparse.Namespace, redact: _Redactor, say: Callable[[str
             if sys.stdin.isatty():
                 import getpass
                 password = getpass.getpass(f"password for {a.user}: ")
-            else:
+            else:  # pragma: no cover - _check_args refuses this
                 raise _SetupError("--user needs --password (or run on a terminal to be prompted)")
         redact.add(password)
         host = a.host or "localhost"
@@ -869,6 +873,14 @@ def _plot(results: Sequence[RunResult], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = _plot_figure(results, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_figure(results: Sequence[RunResult], title: str) -> Any:
+    import matplotlib.pyplot as plt
+
     rs = sorted(results, key=lambda r: r.pool_size)
     xs = [r.pool_size for r in rs]
     qps = [r.qps for r in rs]
@@ -883,14 +895,21 @@ def _plot(results: Sequence[RunResult], path: str, title: str) -> None:
     ax.set_xticks(xs)
     ax.set_xticklabels([str(x) for x in xs])
     ax2 = ax.twinx()
-    ax2.plot(xs, p99, "s--", color="tab:red", label="p99 lease wait")
+    ax2.plot(xs, p99, "s--", color="tab:red", label="p99 lease wait (ms)")
     ax2.set_ylabel("p99 lease wait (ms)", color="tab:red")
     ax2.set_ylim(bottom=0)
+    best = _best_size(results)
+    if best is not None:
+        ax.axvline(best, color="tab:green", linestyle=":", linewidth=2,
+                   label=f"recommended size: {best} (smallest within 5% of the best)")
+    handles, labels = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    # On the right-hand axes, so that the p99 line does not draw over it.
+    ax2.legend(handles + h2, labels + l2, loc="lower right", fontsize=8, framealpha=0.9)
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 class _LogTap(logging.Handler):
@@ -920,9 +939,23 @@ class _LogTap(logging.Handler):
 # main
 # ---------------------------------------------------------------------------
 
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    # argparse takes "-1,2" (after --sizes, say) for an option and reports
+    # "expected one argument"; attached as "--sizes=-1,2" it reaches the
+    # option's own check, which says what is wrong with it.
+    out: list[str] = []
+    for arg in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1] and
+                re.fullmatch(r"-[0-9][0-9.,eE+-]*", arg)):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str]) -> int:
     parser = _parser()
-    a = parser.parse_args(list(argv))
+    a = parser.parse_args(_attach_negative_values(argv))
     _check_args(parser, a)
     out = sys.stdout
     # Progress and notes go to stderr when stdout carries the JSON document.

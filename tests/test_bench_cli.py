@@ -106,6 +106,8 @@ def test_bench_sizes_sweep_plain_output_and_plot(tmp_path: Path) -> None:
     (["--plot", "out.txt"], "argument --plot: expected a .png"),
     (["--ca-cert", "/nonexistent.pem"], "argument --ca-cert: no such file"),
     (["--threads"], "argument --threads: expected one argument"),
+    (["--sizes", "-1,2"], "argument --sizes: pool sizes must be at least 1, got -1"),
+    (["--threads", "-3"], "argument --threads: must be at least 1, got -3"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])
 def test_bad_arguments_give_a_clear_error(args: list[str], message: str,
@@ -116,6 +118,38 @@ def test_bad_arguments_give_a_clear_error(args: list[str], message: str,
     err = capsys.readouterr().err
     assert message in err
     assert err.startswith("usage: aperturedb-pool bench")
+
+
+def test_user_without_password_off_a_terminal_is_a_bad_argument() -> None:
+    p = _bench("--host", "127.0.0.1", "--port", "1", "--user", "someone", timeout=30)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.startswith("usage: aperturedb-pool bench")
+    assert "argument --user: needs --password when not run on a terminal" in p.stderr
+
+
+def test_plot_has_a_legend_and_marks_the_recommended_size() -> None:
+    pytest.importorskip("matplotlib")
+    from types import SimpleNamespace
+
+    def run(size: int, qps: float, p99_ms: float) -> SimpleNamespace:
+        wait = bench.Histogram()
+        for _ in range(100):
+            wait.add(p99_ms / 1000.0)
+        return SimpleNamespace(pool_size=size, qps=qps, lease_wait=wait, ops=1000,
+                               interrupted=False)
+
+    # 4 is the smallest size within 5% of the best (8).
+    fig = bench._plot_figure([run(1, 1000, 9), run(2, 1800, 5), run(4, 2900, 2),
+                              run(8, 3000, 1)], "sweep")
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    texts = [t.get_text() for t in legends[0].get_texts()]
+    assert texts[0] == "queries/s" and texts[1].startswith("recommended size: 4")
+    assert texts[2] == "p99 lease wait (ms)"
+    marks = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("recommended")]
+    assert [list(m.get_xdata()) for m in marks] == [[4, 4]]
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def test_ctrl_c_stops_cleanly_with_a_partial_report() -> None:
