@@ -186,6 +186,48 @@ def test_ctrl_c_stops_cleanly_with_a_partial_report() -> None:
     assert "interrupted: waiting for queries in flight" in (err + rest).decode()
 
 
+def test_ctrl_c_at_the_terminal_spares_the_embedded_server() -> None:
+    """A Ctrl-C at a terminal goes to the whole foreground process group: the
+    embedded server must not be in it, or the bench loses its server
+    mid-report (wrong figures, a minute of retries)."""
+    proc = subprocess.Popen([sys.executable, "-m", "aperturedb_pool", "bench", "--duration",
+                             "60", "--json", "--threads", "4", "--pool-size", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        err = b""
+        deadline = time.monotonic() + 30
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stderr, selectors.EVENT_READ)
+            while b"bench: 1/60 s" not in err:
+                assert time.monotonic() < deadline, err.decode()
+                if sel.select(1):
+                    chunk = os.read(proc.stderr.fileno(), 4096)
+                    assert chunk, err.decode()
+                    err += chunk
+        server_pid = int(err.split(b"embedded server, pid ", 1)[1].split(b",", 1)[0])
+        assert os.getpgid(server_pid) != os.getpgid(proc.pid)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, rest = proc.communicate(timeout=30)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, (err + rest).decode()
+    assert stopped_in < 2.0, f"stopped in {stopped_in:.2f} s"
+    doc = json.loads(out)
+    (run,) = doc["runs"]
+    assert run["interrupted"] is True and run["queries"] > 0
+    assert run["errors"] == 0, run
+    assert run["write_check"]["ok"] is True, run["write_check"]
+    assert run["write_check"]["stored"] == run["entities_written"]
+    # The server was stopped by the bench, not left behind.
+    with pytest.raises(ProcessLookupError):
+        os.kill(server_pid, 0)
+
+
 def test_configured_target_and_no_password_in_the_output() -> None:
     from aperturedb_pool.testing import EmbeddedServer
 
