@@ -197,3 +197,41 @@ def test_django_without_use_ssl_fails_fast_with_the_fix(adb_server: Any) -> None
     with pytest.raises(ConnectFailed, match=r'"USE_SSL": False in Django'):
         _django_get(settings, urls)
     assert time.monotonic() - t0 < 2.0
+
+
+# --- the sample bench report ---------------------------------------------------
+
+def _sample_report() -> str:
+    text = README.read_text()
+    start = text.index("```\nresults:\n") + 4
+    return text[start:text.index("```", start)]
+
+
+def test_sample_bench_report_is_consistent_and_has_the_bench_layout() -> None:
+    import subprocess
+
+    report = _sample_report()
+
+    def row(label: str) -> str:
+        (line,) = [ln for ln in report.splitlines() if ln.startswith(f"  {label} ")]
+        return line[len(label) + 2:].strip()
+
+    nums = lambda text: [float(x) for x in re.findall(r"\d+(?:\.\d+)?", text)]  # noqa: E731
+    queries, reads, batches, entities = nums(row("queries"))
+    assert reads + batches == queries and entities == 10 * batches
+    (elapsed,) = nums(row("elapsed"))
+    assert nums(row("queries/s"))[0] == pytest.approx(queries / elapsed, rel=0.005)
+    stored, acknowledged, unknown = nums(row("write check"))
+    assert stored == acknowledged == entities and unknown == 0
+    assert f"leases {int(queries)} " in row("pool stats")
+    # The layout is the bench's own: the same rows, in the same order.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APERTUREDB_")}
+    env["ADB_LOG_FILE"] = ""
+    p = subprocess.run([sys.executable, "-m", "aperturedb_pool", "bench", "--duration", "1",
+                        "--threads", "2", "--pool-size", "2", "--no-progress"],
+                       capture_output=True, text=True, timeout=60, env=env,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    real = p.stdout[p.stdout.index("results:"):].splitlines()
+    sample = report.splitlines()
+    assert [ln[:29] for ln in real] == [ln[:29] for ln in sample]
