@@ -171,6 +171,16 @@ class _Redactor:
         if isinstance(value, str) and len(value) >= 3 and value not in self.secrets:
             self.secrets.append(value)
 
+    def known(self, text: str) -> str:
+        """``text`` with the known secrets masked, unshortened (for the pool's
+        own diagnoses of a misconfiguration, which never quote a secret)."""
+        for s in self.secrets:
+            text = text.replace(s, SECRET_MASK)
+        return text
+
+    def error(self, e: BaseException) -> str:
+        return self.known(str(e)) if getattr(e, "permanent", False) else self(str(e))
+
     def __call__(self, text: str) -> str:
         for s in self.secrets:
             text = text.replace(s, SECRET_MASK)
@@ -712,7 +722,7 @@ def _run_once(target: Target, a: argparse.Namespace, size: int, key_run: str,
             pool.wait_ready(timeout=min(60.0, a.lease_timeout))
         except Exception as e:
             raise _SetupError(f"cannot open {size} connector(s) to {target.address}: "
-                              f"{redact(str(e))}{_tls_hint(target, e)}") from e
+                              f"{redact.error(e)}{_tls_hint(target, e)}") from e
         run = _Run(pool, a, run_id, key_run, stop)
         seed = a.seed if a.seed is not None else random.randrange(2 ** 32)
         workers = [_WorkerStats() for _ in range(a.threads)]
@@ -1104,17 +1114,40 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _seed_with_pool(target: Target, key_run: str, redact: _Redactor) -> None:
-    from aperturedb_pool import ConnectionPool
+    from aperturedb_pool import ConnectionPool, PoolTimeout
 
     with ConnectionPool(target.template, min_size=1, max_size=1, name="bench-setup") as pool:
         try:
-            pool.wait_ready(timeout=10.0)
+            try:
+                pool.wait_ready(timeout=_REFUSED_GRACE)
+            except PoolTimeout as e:
+                if not _refused(e):
+                    pool.wait_ready(timeout=10.0 - _REFUSED_GRACE)
+                else:  # nothing listens there: a user expects to hear it at once
+                    raise _SetupError(
+                        f"cannot connect to {target.address}: connection refused (for "
+                        f"{_REFUSED_GRACE:g} s): no server listens there. Start one (e.g. "
+                        f"`aperturedb-pool serve --port PORT`) or fix --host/--port") from e
             _seed_keys(pool, key_run)
         except _SetupError:
             raise
         except Exception as e:
+            if getattr(e, "permanent", False):  # it names the cause and the fix
+                raise _SetupError(redact.error(e)) from e
             raise _SetupError(f"cannot use {target.address}: {redact(str(e))}"
                               f"{_tls_hint(target, e)}") from e
+
+
+_REFUSED_GRACE = 2.0  # seconds of refused connections before the bench gives up
+
+
+def _refused(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _tls_hint(target: Target, e: BaseException) -> str:

@@ -228,6 +228,43 @@ def test_ctrl_c_at_the_terminal_spares_the_embedded_server() -> None:
         os.kill(server_pid, 0)
 
 
+@pytest.mark.parametrize("server_tls, args, needles", [
+    (False, ["--tls"], ["does not accept TLS", "no --tls on the aperturedb-pool command line"]),
+    (True, [], ["requires TLS", "--tls", "--ca-cert FILE"]),
+    (None, [], ["connection refused", "no server listens there", "aperturedb-pool serve"]),
+])
+def test_misconfigured_target_fails_fast_naming_the_fix(server_tls: bool | None,
+                                                        args: list[str],
+                                                        needles: list[str]) -> None:
+    import socket
+
+    from aperturedb_pool.testing import EmbeddedServer
+
+    if server_tls is None:
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = None
+    else:
+        server = EmbeddedServer(tls=server_tls).start()
+        port = server.port
+    try:
+        t0 = time.monotonic()
+        p = _bench("--host", "127.0.0.1", "--port", str(port), "--user", "admin",
+                   "--password", "admin", "--duration", "1", *args)
+        took = time.monotonic() - t0
+    finally:
+        if server is not None:
+            server.stop()
+    assert p.returncode == 1, p.stdout + p.stderr
+    # A second for the refused port's grace, the interpreter start and imports.
+    assert took < (4.5 if server_tls is None else 3.0), took
+    error = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(error) == 1, p.stderr  # one line, no log noise
+    for needle in needles:
+        assert needle in error[0]
+
+
 def test_configured_target_and_no_password_in_the_output() -> None:
     from aperturedb_pool.testing import EmbeddedServer
 
