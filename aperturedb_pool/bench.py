@@ -53,6 +53,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -169,6 +170,16 @@ class _Redactor:
     def add(self, value: Any) -> None:
         if isinstance(value, str) and len(value) >= 3 and value not in self.secrets:
             self.secrets.append(value)
+
+    def known(self, text: str) -> str:
+        """``text`` with the known secrets masked, unshortened (for the pool's
+        own diagnoses of a misconfiguration, which never quote a secret)."""
+        for s in self.secrets:
+            text = text.replace(s, SECRET_MASK)
+        return text
+
+    def error(self, e: BaseException) -> str:
+        return self.known(str(e)) if getattr(e, "permanent", False) else self(str(e))
 
     def __call__(self, text: str) -> str:
         for s in self.secrets:
@@ -319,6 +330,9 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 "--password, --tls, --ca-cert, --adb-config)")
     if explicit and a.adb_config is not None:
         p.error("argument --adb-config: not allowed with --host/--port/--user/--password/--tls")
+    if a.user is not None and a.password is None and not sys.stdin.isatty():
+        p.error("argument --user: needs --password when not run on a terminal (there is no "
+                "terminal to prompt on)")
     if a.ca_cert is not None and not os.path.isfile(a.ca_cert):
         p.error(f"argument --ca-cert: no such file: {a.ca_cert}")
     if a.plot is not None:
@@ -378,7 +392,7 @@ def _resolve_target(a: argparse.Namespace, redact: _Redactor, say: Callable[[str
             if sys.stdin.isatty():
                 import getpass
                 password = getpass.getpass(f"password for {a.user}: ")
-            else:
+            else:  # pragma: no cover - _check_args refuses this
                 raise _SetupError("--user needs --password (or run on a terminal to be prompted)")
         redact.add(password)
         host = a.host or "localhost"
@@ -708,7 +722,7 @@ def _run_once(target: Target, a: argparse.Namespace, size: int, key_run: str,
             pool.wait_ready(timeout=min(60.0, a.lease_timeout))
         except Exception as e:
             raise _SetupError(f"cannot open {size} connector(s) to {target.address}: "
-                              f"{redact(str(e))}{_tls_hint(target, e)}") from e
+                              f"{redact.error(e)}{_tls_hint(target, e)}") from e
         run = _Run(pool, a, run_id, key_run, stop)
         seed = a.seed if a.seed is not None else random.randrange(2 ** 32)
         workers = [_WorkerStats() for _ in range(a.threads)]
@@ -869,6 +883,14 @@ def _plot(results: Sequence[RunResult], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = _plot_figure(results, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_figure(results: Sequence[RunResult], title: str) -> Any:
+    import matplotlib.pyplot as plt
+
     rs = sorted(results, key=lambda r: r.pool_size)
     xs = [r.pool_size for r in rs]
     qps = [r.qps for r in rs]
@@ -883,14 +905,21 @@ def _plot(results: Sequence[RunResult], path: str, title: str) -> None:
     ax.set_xticks(xs)
     ax.set_xticklabels([str(x) for x in xs])
     ax2 = ax.twinx()
-    ax2.plot(xs, p99, "s--", color="tab:red", label="p99 lease wait")
+    ax2.plot(xs, p99, "s--", color="tab:red", label="p99 lease wait (ms)")
     ax2.set_ylabel("p99 lease wait (ms)", color="tab:red")
     ax2.set_ylim(bottom=0)
+    best = _best_size(results)
+    if best is not None:
+        ax.axvline(best, color="tab:green", linestyle=":", linewidth=2,
+                   label=f"recommended size: {best} (smallest within 5% of the best)")
+    handles, labels = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    # On the right-hand axes, so that the p99 line does not draw over it.
+    ax2.legend(handles + h2, labels + l2, loc="lower right", fontsize=8, framealpha=0.9)
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 class _LogTap(logging.Handler):
@@ -920,9 +949,23 @@ class _LogTap(logging.Handler):
 # main
 # ---------------------------------------------------------------------------
 
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    # argparse takes "-1,2" (after --sizes, say) for an option and reports
+    # "expected one argument"; attached as "--sizes=-1,2" it reaches the
+    # option's own check, which says what is wrong with it.
+    out: list[str] = []
+    for arg in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1] and
+                re.fullmatch(r"-[0-9][0-9.,eE+-]*", arg)):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str]) -> int:
     parser = _parser()
-    a = parser.parse_args(list(argv))
+    a = parser.parse_args(_attach_negative_values(argv))
     _check_args(parser, a)
     out = sys.stdout
     # Progress and notes go to stderr when stdout carries the JSON document.
@@ -1071,17 +1114,40 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _seed_with_pool(target: Target, key_run: str, redact: _Redactor) -> None:
-    from aperturedb_pool import ConnectionPool
+    from aperturedb_pool import ConnectionPool, PoolTimeout
 
     with ConnectionPool(target.template, min_size=1, max_size=1, name="bench-setup") as pool:
         try:
-            pool.wait_ready(timeout=10.0)
+            try:
+                pool.wait_ready(timeout=_REFUSED_GRACE)
+            except PoolTimeout as e:
+                if not _refused(e):
+                    pool.wait_ready(timeout=10.0 - _REFUSED_GRACE)
+                else:  # nothing listens there: a user expects to hear it at once
+                    raise _SetupError(
+                        f"cannot connect to {target.address}: connection refused (for "
+                        f"{_REFUSED_GRACE:g} s): no server listens there. Start one (e.g. "
+                        f"`aperturedb-pool serve --port PORT`) or fix --host/--port") from e
             _seed_keys(pool, key_run)
         except _SetupError:
             raise
         except Exception as e:
+            if getattr(e, "permanent", False):  # it names the cause and the fix
+                raise _SetupError(redact.error(e)) from e
             raise _SetupError(f"cannot use {target.address}: {redact(str(e))}"
                               f"{_tls_hint(target, e)}") from e
+
+
+_REFUSED_GRACE = 2.0  # seconds of refused connections before the bench gives up
+
+
+def _refused(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _tls_hint(target: Target, e: BaseException) -> str:

@@ -38,6 +38,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from aperturedb_pool.diagnose import authentication_failed, classify_connect_error
 from aperturedb_pool.errors import (
     ConnectFailed,
     ConnectorError,
@@ -64,7 +65,7 @@ _deadline_clock = time.monotonic
 _SDK_NOISE = ("Failed to query", "OS error on process", "SSL error on process",
               "SSL connection error", "Connection broken", "Error connecting to server",
               "Attribute error on process", "Error receiving", "Error wrapping socket",
-              "You can use the ca_cert parameter")
+              "You can use the ca_cert parameter", "The certificate file does not exist")
 _wrapper_codes: set[Any] = set()  # code objects of the query wrappers (one per module load)
 _STACK_LOOKUP = 40  # frames: logging's own (about 6) plus the SDK's (about 4)
 
@@ -100,6 +101,12 @@ def _install_noise_filter() -> None:
 
 def clone_factory(template: Any) -> Callable[[], Any]:
     """The template's clone method, or a TypeError naming what is missing."""
+    if isinstance(template, type):
+        # Its clone() is an unbound function: every open would fail with
+        # "missing 1 required positional argument".
+        raise TypeError(
+            f"template: got the class {template.__name__!r}, not a connector; pass an instance, "
+            f"e.g. ConnectionPool({template.__name__}(host=..., user=..., password=...))")
     fn = getattr(template, "clone", None)
     if not callable(fn):
         fn = getattr(template, "create_new_connection", None)
@@ -342,6 +349,10 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             except ConnectorError:
                 raise
             except Exception as e:
+                # A misconfiguration: one error naming the fix (see diagnose).
+                permanent = classify_connect_error(e, conn, where)
+                if permanent is not None:
+                    raise permanent from None
                 raise ConnectFailed(f"could not connect to {where}: {e!r}",
                                     permanent=_is_permanent_connect_error(e)) from e
             finally:
@@ -367,6 +378,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         conn._send_msg = _send_msg
         conn._recv_msg = _recv_msg
         conn.connect = connect
+        _wrapper_codes.add(connect.__code__)  # the SDK's connect logs are noise too
 
         # The SDK refreshes the shared session (_refresh_token) or logs in
         # (authenticate) inside query(), before it sends the caller's query
@@ -378,7 +390,8 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         for name in ("_refresh_token", "authenticate"):
             orig = getattr(conn, name, None)
             if callable(orig):
-                setattr(conn, name, _before_the_query(orig, where))
+                setattr(conn, name, _before_the_query(orig, where, conn if name == "authenticate"
+                                                      else None))
 
     def query(q: Any, blobs: Any = None) -> Any:
         if slot.check_owner is not None:
@@ -593,8 +606,10 @@ def _is_sdk_framing(send: Any, recv: Any) -> bool:
     return True
 
 
-def _before_the_query(fn: Callable[..., Any], where: str) -> Callable[..., Any]:
-    """Wrap a session step the SDK runs before sending the caller's query."""
+def _before_the_query(fn: Callable[..., Any], where: str,
+                      login_of: Any = None) -> Callable[..., Any]:
+    """Wrap a session step the SDK runs before sending the caller's query
+    (``login_of``: the connector, when the step is its login)."""
     def step(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
@@ -605,7 +620,19 @@ def _before_the_query(fn: Callable[..., Any], where: str) -> Callable[..., Any]:
                                 f"the query was not sent")
             err.peer_closed = e.peer_closed
             raise err from e
+        except Exception as e:
+            if login_of is not None and _raised_in(e, "_authenticate"):
+                # The server answered the login and refused it.
+                raise authentication_failed(e, login_of, where) from None
+            raise
     return step
+
+
+def _raised_in(e: BaseException, function: str) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == function
 
 
 def _probe_before_send(conn: Any, slot: Any, where: str) -> None:

@@ -131,6 +131,7 @@ normal threshold.  ``stats()`` shows ``cpu_bound``, ``handoff_after`` and
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -723,6 +724,9 @@ class ConnectionPool:
         self._last_open_error: BaseException | None = None
         self._unreachable_since: float | None = None
         self._next_open_at = 0.0
+        # When an open last failed for good (a misconfiguration, see
+        # diagnose): opens then wait (_next_open_at inf) for the next lease.
+        self._permanent_at = -math.inf
         self._c: dict[str, Any] = dict(
             leases_waited=0, wait_time_total=0.0, wait_time_max=0.0,
             timeouts=0, rejected_waiters=0, connectors_opened=0, connectors_closed=0,
@@ -1020,6 +1024,9 @@ class ConnectionPool:
                     f"load")
             if not self._waiters:  # contention starts (again)
                 self._forget_stale_cpu_bound(start)
+            if self._next_open_at == math.inf:  # opens failed for good: one more try
+                self._next_open_at = 0.0
+                self._bg_wakeup.set()
             try:
                 self._waiters.append(waiter)
                 self._queue_changed()
@@ -1120,6 +1127,12 @@ class ConnectionPool:
                     waiter.waited = now - start
                     self._count_wait(waiter.waited)
                     break
+                if self._permanent_at >= start and self._size == 0 and \
+                        self._next_open_at == math.inf and self._last_open_error is not None:
+                    # An open since this request failed for a reason retrying
+                    # cannot fix, and no connector can come back.
+                    self._remove_waiter(waiter)
+                    raise copy.copy(self._last_open_error) from None
                 if now >= deadline:
                     self._remove_waiter(waiter)
                     self._c["timeouts"] += 1
@@ -1677,8 +1690,15 @@ class ConnectionPool:
                     self._unreachable_since = now
                 delay = random.uniform(0, min(self.reconnect_max, self.reconnect_initial *
                                               2 ** (self._open_failures - 1)))
+                permanent = getattr(e, "permanent", False)
+                if permanent:  # retrying cannot fix it: the next lease tries once more
+                    delay, self._permanent_at = math.inf, now
                 self._next_open_at = now + delay
                 self._notify_ready()
+            if permanent:
+                logger.log(logging.WARNING if self._open_failures == 1 else logging.DEBUG,
+                           "pool %r: opening a connector failed: %s", self.name, e)
+                return False
             logger.warning("pool %r: opening a connector failed (%d in a row): %s; next try "
                            "in %.3f s", self.name, self._open_failures, e, delay)
             return False

@@ -106,6 +106,8 @@ def test_bench_sizes_sweep_plain_output_and_plot(tmp_path: Path) -> None:
     (["--plot", "out.txt"], "argument --plot: expected a .png"),
     (["--ca-cert", "/nonexistent.pem"], "argument --ca-cert: no such file"),
     (["--threads"], "argument --threads: expected one argument"),
+    (["--sizes", "-1,2"], "argument --sizes: pool sizes must be at least 1, got -1"),
+    (["--threads", "-3"], "argument --threads: must be at least 1, got -3"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])
 def test_bad_arguments_give_a_clear_error(args: list[str], message: str,
@@ -116,6 +118,38 @@ def test_bad_arguments_give_a_clear_error(args: list[str], message: str,
     err = capsys.readouterr().err
     assert message in err
     assert err.startswith("usage: aperturedb-pool bench")
+
+
+def test_user_without_password_off_a_terminal_is_a_bad_argument() -> None:
+    p = _bench("--host", "127.0.0.1", "--port", "1", "--user", "someone", timeout=30)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.startswith("usage: aperturedb-pool bench")
+    assert "argument --user: needs --password when not run on a terminal" in p.stderr
+
+
+def test_plot_has_a_legend_and_marks_the_recommended_size() -> None:
+    pytest.importorskip("matplotlib")
+    from types import SimpleNamespace
+
+    def run(size: int, qps: float, p99_ms: float) -> SimpleNamespace:
+        wait = bench.Histogram()
+        for _ in range(100):
+            wait.add(p99_ms / 1000.0)
+        return SimpleNamespace(pool_size=size, qps=qps, lease_wait=wait, ops=1000,
+                               interrupted=False)
+
+    # 4 is the smallest size within 5% of the best (8).
+    fig = bench._plot_figure([run(1, 1000, 9), run(2, 1800, 5), run(4, 2900, 2),
+                              run(8, 3000, 1)], "sweep")
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    texts = [t.get_text() for t in legends[0].get_texts()]
+    assert texts[0] == "queries/s" and texts[1].startswith("recommended size: 4")
+    assert texts[2] == "p99 lease wait (ms)"
+    marks = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("recommended")]
+    assert [list(m.get_xdata()) for m in marks] == [[4, 4]]
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def test_ctrl_c_stops_cleanly_with_a_partial_report() -> None:
@@ -150,6 +184,85 @@ def test_ctrl_c_stops_cleanly_with_a_partial_report() -> None:
     assert run["interrupted"] is True and run["queries"] > 0 and run["elapsed_s"] < 30
     assert run["pool_stats"]["leased"] == 0
     assert "interrupted: waiting for queries in flight" in (err + rest).decode()
+
+
+def test_ctrl_c_at_the_terminal_spares_the_embedded_server() -> None:
+    """A Ctrl-C at a terminal goes to the whole foreground process group: the
+    embedded server must not be in it, or the bench loses its server
+    mid-report (wrong figures, a minute of retries)."""
+    proc = subprocess.Popen([sys.executable, "-m", "aperturedb_pool", "bench", "--duration",
+                             "60", "--json", "--threads", "4", "--pool-size", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        err = b""
+        deadline = time.monotonic() + 30
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stderr, selectors.EVENT_READ)
+            while b"bench: 1/60 s" not in err:
+                assert time.monotonic() < deadline, err.decode()
+                if sel.select(1):
+                    chunk = os.read(proc.stderr.fileno(), 4096)
+                    assert chunk, err.decode()
+                    err += chunk
+        server_pid = int(err.split(b"embedded server, pid ", 1)[1].split(b",", 1)[0])
+        assert os.getpgid(server_pid) != os.getpgid(proc.pid)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, rest = proc.communicate(timeout=30)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, (err + rest).decode()
+    assert stopped_in < 2.0, f"stopped in {stopped_in:.2f} s"
+    doc = json.loads(out)
+    (run,) = doc["runs"]
+    assert run["interrupted"] is True and run["queries"] > 0
+    assert run["errors"] == 0, run
+    assert run["write_check"]["ok"] is True, run["write_check"]
+    assert run["write_check"]["stored"] == run["entities_written"]
+    # The server was stopped by the bench, not left behind.
+    with pytest.raises(ProcessLookupError):
+        os.kill(server_pid, 0)
+
+
+@pytest.mark.parametrize("server_tls, args, needles", [
+    (False, ["--tls"], ["does not accept TLS", "no --tls on the aperturedb-pool command line"]),
+    (True, [], ["requires TLS", "--tls", "--ca-cert FILE"]),
+    (None, [], ["connection refused", "no server listens there", "aperturedb-pool serve"]),
+])
+def test_misconfigured_target_fails_fast_naming_the_fix(server_tls: bool | None,
+                                                        args: list[str],
+                                                        needles: list[str]) -> None:
+    import socket
+
+    from aperturedb_pool.testing import EmbeddedServer
+
+    if server_tls is None:
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = None
+    else:
+        server = EmbeddedServer(tls=server_tls).start()
+        port = server.port
+    try:
+        t0 = time.monotonic()
+        p = _bench("--host", "127.0.0.1", "--port", str(port), "--user", "admin",
+                   "--password", "admin", "--duration", "1", *args)
+        took = time.monotonic() - t0
+    finally:
+        if server is not None:
+            server.stop()
+    assert p.returncode == 1, p.stdout + p.stderr
+    # A second for the refused port's grace, the interpreter start and imports.
+    assert took < (4.5 if server_tls is None else 3.0), took
+    error = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(error) == 1, p.stderr  # one line, no log noise
+    for needle in needles:
+        assert needle in error[0]
 
 
 def test_configured_target_and_no_password_in_the_output() -> None:

@@ -392,6 +392,18 @@ def test_template_without_clone_is_a_type_error(tmpl: Any) -> None:
     assert "clone" in str(info.value)
 
 
+def test_template_that_is_a_class_is_a_type_error() -> None:
+    """The Connector class itself (instead of an instance) has clone, query
+    and close as functions: refused at construction, naming the fix."""
+    from aperturedb.Connector import Connector
+
+    with pytest.raises(TypeError, match="template") as info:
+        ConnectionPool(Connector, open=False)
+    assert "the class 'Connector'" in str(info.value)
+    assert "pass an instance" in str(info.value)
+    assert "Connector(host=" in str(info.value)
+
+
 def test_template_without_query_is_a_type_error() -> None:
     class NoQuery:
         def clone(self) -> Any:  # pragma: no cover

@@ -233,8 +233,11 @@ class ServerProcess(ServerControl):
         if self._proc is not None:
             raise RuntimeError("ServerProcess.start() called twice")
         errfile = tempfile.TemporaryFile()
+        # A session (and process group) of its own: a Ctrl-C at the terminal
+        # goes to the parent's group only, and the parent stops the server
+        # when it is done with it (stop()), after its last queries.
         self._proc = proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE, stderr=errfile,
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid = proc.pid
         assert proc.stdout is not None
         deadline = time.monotonic() + self.startup_timeout

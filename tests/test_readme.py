@@ -1,0 +1,237 @@
+"""The README's Python examples, run as written against the embedded server.
+
+Each code block is taken from README.md itself, so an edit there is tested
+here.  The only changes are the connection settings: the port (55555 in the
+README, a free port here), and for the real-server block its host, password
+and CA file.  Flask and Django run through their real test clients.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["ADB_LOG_FILE"] = ""  # before the SDK is imported: no error.<time>.log files
+
+import re
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aperturedb_pool import ConnectFailed
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _blocks(lang: str = "python") -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), re.S | re.M)
+
+
+def _block(marker: str) -> str:
+    (found,) = [b for b in _blocks() if marker in b]
+    return found
+
+
+# Which test runs which block: every Python block of the README must be here.
+MARKERS = {
+    "usage": "with ConnectionPool(template, min_size=2, max_size=8) as pool:",
+    "real server": 'host="db.example.com"',
+    "pytest plugin": "def test_adds_person(",
+    "flask": "from aperturedb_pool.flask import ApertureDB",
+    "django": "from aperturedb_pool.django import get_connector, get_pool",
+    "batch": "run_batches(pool, load, people",
+}
+
+
+def test_every_python_block_is_tested() -> None:
+    blocks = _blocks()
+    claimed = [[name for name, m in MARKERS.items() if m in b] for b in blocks]
+    assert all(len(c) == 1 for c in claimed), [(c, b[:60]) for c, b in zip(claimed, blocks, strict=True)]
+    assert len(blocks) == len(MARKERS)
+
+
+def _for_server(code: str, port: int) -> str:
+    assert "55555" in code, "the example should name the port, so that a user sees it"
+    return re.sub(r"\b55555\b", str(port), code)
+
+
+def _run(code: str, **names: Any) -> dict[str, Any]:
+    ns: dict[str, Any] = {"__name__": "readme_example", **names}
+    exec(compile(code, str(README), "exec"), ns)
+    return ns
+
+
+def test_usage(adb_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    for cls, n in (("Person", 3), ("Image", 1)):
+        for i in range(n):
+            adb_server.connector().query([{"AddEntity": {"class": cls,
+                                                         "properties": {"i": i}}}])
+    _run(_for_server(_block(MARKERS["usage"]), adb_server.port))
+    assert capsys.readouterr().out == "[3, 1, 0]\n"
+
+
+def test_real_server_connector(adb_tls_server: Any) -> None:
+    code = _for_server(_block(MARKERS["real server"]), adb_tls_server.port)
+    code = code.replace('"db.example.com"', '"127.0.0.1"').replace('password="..."',
+                                                                   'password="admin"')
+    code = code.replace('"ca.pem"', repr(adb_tls_server.ca_path))
+    from aperturedb.Connector import Connector
+
+    from aperturedb_pool import ConnectionPool
+    ns = _run(code, Connector=Connector)
+    with ConnectionPool(ns["template"], max_size=1) as pool:
+        response, _ = pool.query([{"GetStatus": {}}])
+    assert response[0]["GetStatus"]["status"] == 0
+
+
+def test_pytest_plugin_example(adb_connector: Any, adb_server: Any) -> None:
+    ns = _run(_block(MARKERS["pytest plugin"]))
+    ns["test_adds_person"](adb_connector, adb_server)
+
+
+def test_batch_loading(adb_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # 1,000 people instead of 20,000, to keep the suite fast.
+    code = _block(MARKERS["batch"]).replace("range(20_000)", "range(1_000)")
+    template = adb_server.connector()
+    ns = _run(code, template=template)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("10 batches acknowledged (1000 items), 0 failed, 0 skipped")
+    assert "10/10" in out
+    assert ns["retry_later"] == []
+    stored = template.query([{"FindEntity": {"with_class": "Person",
+                                             "results": {"count": True}}}])[0]
+    assert stored[0]["FindEntity"]["count"] == 1000
+    # Idempotent as declared: running it again adds nothing.
+    _run(code, template=template)
+    stored = template.query([{"FindEntity": {"with_class": "Person",
+                                             "results": {"count": True}}}])[0]
+    assert stored[0]["FindEntity"]["count"] == 1000
+
+
+# --- Flask -------------------------------------------------------------------
+
+def _flask_app(code: str) -> Any:
+    pytest.importorskip("flask")
+    ns = _run(code)
+    app = ns["create_app"]()
+    app.config["TESTING"] = True
+    return ns["db"], app
+
+
+def test_flask(adb_server: Any) -> None:
+    adb_server.connector().query([{"AddEntity": {"class": "Person", "properties": {}}}])
+    db, app = _flask_app(_for_server(_block(MARKERS["flask"]), adb_server.port))
+    try:
+        response = app.test_client().get("/people")
+        assert response.status_code == 200
+        assert response.get_json()[0]["FindEntity"]["count"] == 1
+        assert db.get_pool(app).stats().leased == 0
+    finally:
+        db.close(app)
+
+
+def _without_use_ssl(code: str, line: str) -> str:
+    assert line in code
+    return "\n".join(ln for ln in code.splitlines() if line not in ln)
+
+
+def test_flask_without_use_ssl_fails_fast_with_the_fix(adb_server: Any) -> None:
+    code = _for_server(_block(MARKERS["flask"]), adb_server.port)
+    db, app = _flask_app(_without_use_ssl(code, "APERTUREDB_USE_SSL=False"))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ConnectFailed, match=r"APERTUREDB_USE_SSL=False in Flask"):
+            app.test_client().get("/people")
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        db.close(app)
+
+
+# --- Django ------------------------------------------------------------------
+
+def _django(code: str) -> tuple[dict[str, Any], Any]:
+    pytest.importorskip("django")
+    sys.path.insert(0, str(Path(__file__).parent / "apps"))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "adb_django_site.settings")
+    import django
+
+    django.setup()
+    settings_code, views_code = code.split("# views.py", 1)
+    settings = _run(settings_code)
+    assert "aperturedb_pool.django" in settings["INSTALLED_APPS"]
+    views = _run(views_code)
+    from django.urls import path
+
+    urls = types.ModuleType("readme_urls")
+    urls.urlpatterns = [path("people", views["people"])]  # type: ignore[attr-defined]
+    return settings, urls
+
+
+def _django_get(settings: dict[str, Any], urls: Any) -> Any:
+    from django.test import Client, override_settings
+
+    import aperturedb_pool.django as adb
+
+    with override_settings(APERTUREDB=settings["APERTUREDB"], ROOT_URLCONF=urls):
+        try:
+            return Client(raise_request_exception=True).get("/people")
+        finally:
+            adb.close_pool()
+
+
+def test_django(adb_server: Any) -> None:
+    adb_server.connector().query([{"AddEntity": {"class": "Person", "properties": {}}}])
+    settings, urls = _django(_for_server(_block(MARKERS["django"]), adb_server.port))
+    response = _django_get(settings, urls)
+    assert response.status_code == 200
+    assert response.json()[0]["FindEntity"]["count"] == 1
+
+
+def test_django_without_use_ssl_fails_fast_with_the_fix(adb_server: Any) -> None:
+    code = _for_server(_block(MARKERS["django"]), adb_server.port)
+    settings, urls = _django(_without_use_ssl(code, '"USE_SSL": False'))
+    t0 = time.monotonic()
+    with pytest.raises(ConnectFailed, match=r'"USE_SSL": False in Django'):
+        _django_get(settings, urls)
+    assert time.monotonic() - t0 < 2.0
+
+
+# --- the sample bench report ---------------------------------------------------
+
+def _sample_report() -> str:
+    text = README.read_text()
+    start = text.index("```\nresults:\n") + 4
+    return text[start:text.index("```", start)]
+
+
+def test_sample_bench_report_is_consistent_and_has_the_bench_layout() -> None:
+    import subprocess
+
+    report = _sample_report()
+
+    def row(label: str) -> str:
+        (line,) = [ln for ln in report.splitlines() if ln.startswith(f"  {label} ")]
+        return line[len(label) + 2:].strip()
+
+    nums = lambda text: [float(x) for x in re.findall(r"\d+(?:\.\d+)?", text)]  # noqa: E731
+    queries, reads, batches, entities = nums(row("queries"))
+    assert reads + batches == queries and entities == 10 * batches
+    (elapsed,) = nums(row("elapsed"))
+    assert nums(row("queries/s"))[0] == pytest.approx(queries / elapsed, rel=0.005)
+    stored, acknowledged, unknown = nums(row("write check"))
+    assert stored == acknowledged == entities and unknown == 0
+    assert f"leases {int(queries)} " in row("pool stats")
+    # The layout is the bench's own: the same rows, in the same order.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APERTUREDB_")}
+    env["ADB_LOG_FILE"] = ""
+    p = subprocess.run([sys.executable, "-m", "aperturedb_pool", "bench", "--duration", "1",
+                        "--threads", "2", "--pool-size", "2", "--no-progress"],
+                       capture_output=True, text=True, timeout=60, env=env,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    real = p.stdout[p.stdout.index("results:"):].splitlines()
+    sample = report.splitlines()
+    assert [ln[:29] for ln in real] == [ln[:29] for ln in sample]
