@@ -21,6 +21,11 @@ fork          a parent under load forks 4 children (3 rounds) that use the      
               inherited pool: all succeed, the parent's connectors undisturbed
 exhaustion    more waiters than max_waiting, timeouts, a deliberate leak, a dropped  ~4 s
               lease: the right errors, messages, timing and stats
+asyncexc      ~5,000 asynchronous exceptions a second into 16 threads on a pool of   20 s
+              4: no hang, no wrong answer, every slot back within 5 s
+injection     an exception after every call (and at every line) of the lease paths, ~2 min
+              both kinds at each point, fresh pool each: nothing hangs, leaks or
+              answers wrongly
 ============  =====================================================================  ========
 
 ``--quick`` runs each for 6-12 s (about 1 minute in all); the defaults take
@@ -38,7 +43,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCENARIOS = ("churn", "restarts", "flaky", "idle", "fork", "exhaustion")
+SCENARIOS = ("churn", "restarts", "flaky", "idle", "fork", "exhaustion", "asyncexc",
+             "injection")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -299,3 +299,14 @@ def test_stress_exhaustion_scenario_passes() -> None:
                        cwd=str(ROOT / "stress"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.startswith("PASS exhaustion")
+
+
+def test_stress_asyncexc_scenario_passes_a_short_run() -> None:
+    # A bounded sample of stress/scenario_asyncexc.py (run 10 x 20 s for the
+    # figures): 5 s of about 5,000 asynchronous exceptions a second.
+    p = subprocess.run([sys.executable, str(ROOT / "stress" / "scenario_asyncexc.py"),
+                        "--duration", "5"],
+                       capture_output=True, text=True, timeout=120, env=_env(),
+                       cwd=str(ROOT / "stress"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("PASS asyncexc")
