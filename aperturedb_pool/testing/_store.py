@@ -475,11 +475,21 @@ class _Transaction:
         self.out_blobs: list[bytes] = []
         self.refs: dict[int, list[Entity]] = {}
         self.undo: list[Callable[[], Any]] = []
+        self.reinserted: set[str] = set()  # classes of objects deleted by this query
 
     def rollback(self) -> None:
         for fn in reversed(self.undo):
             fn()
         self.undo.clear()
+        if self.reinserted:
+            # Re-inserted objects went to the end of the dicts; Finds answer in id
+            # order, so put them back where they were (failed deletes only).
+            store = self.store
+            for d in [store.objects] + [store.by_class[c] for c in self.reinserted
+                                        if c in store.by_class]:
+                items = sorted(d.items())
+                d.clear()
+                d.update(items)
 
     def run(self, index: int, cmd: Any) -> dict[str, Any]:
         if not isinstance(cmd, dict) or len(cmd) != 1:
@@ -692,6 +702,7 @@ class _Transaction:
             if owned is not None:
                 self._remove(owned)
         store._unlink(e)
+        self.reinserted.add(e.cls)
         self.undo.append(lambda: store._link(e))
 
     def _connect(self, cls: str, src: Entity, dst: Entity, props: dict[str, Any]) -> Connection:

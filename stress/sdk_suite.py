@@ -1,0 +1,278 @@
+"""Run the pinned SDK's own test suite against ``aperturedb-pool serve --tls``.
+
+    python stress/sdk_suite.py [--version 0.5.3] [--workdir DIR] [--module test_Utils ...]
+                               [--timeout 600] [--keep]
+
+The test modules come from the SDK's sdist on PyPI (``pip download --no-deps
+--no-binary :all: aperturedb==VERSION``, its ``test/`` folder). The suite's
+``conftest.py``, ``dbinfo.py`` and ``pytest.ini`` live only in the SDK's git
+repository, which a PyPI-only machine cannot reach, so this script writes its
+own: a ``db`` fixture that connects over TLS with the server's generated CA and
+hostname checking and empties the database with ``Utils.remove_all_objects()``
+(as the suite's fixture does), ``utils`` and ``config`` fixtures, and markers.
+It does not recreate the suite's input files (``generateInput.py`` in the
+repository), so the fixtures that load them skip their tests, with the reason.
+
+Each module runs in its own pytest process against a fresh server process.
+Tests marked as needing the internet, cloud or Kaggle credentials, the REST
+interface or the input files are skipped and listed; the torch, tensorflow and
+Kaggle modules are not run (listed too). Prints one line per module
+(passed/failed/errors/skipped, database tests first), the totals, and the
+skipped tests with their reasons. The exit status is 0 when it ran, whatever
+the counts (it measures; it does not gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aperturedb_pool.testing.process import ServerProcess  # noqa: E402
+
+# Modules that need packages or accounts this environment does not have.
+NOT_RUN = {
+    "test_torch_connector": "needs torch",
+    "test_tf_connector": "needs tensorflow",
+    "test_kaggle": "needs Kaggle credentials and the internet",
+}
+
+# Markers of the suite's pytest.ini, and why a test carrying one is skipped here.
+SKIP_MARKERS = {
+    "external_network": "needs the internet",
+    "remote_credentials": "needs cloud credentials",
+    "kaggle": "needs Kaggle credentials",
+    "http": "uses the REST interface (the embedded server speaks the native protocol only)",
+}
+
+# Our own conftest for the suite: the fixtures its modules ask for, written for this
+# run (the repository's conftest is not reachable from PyPI).
+_CONFTEST = '''\
+"""Fixtures for the SDK suite run by aperturedb-pool's stress/sdk_suite.py."""
+import pytest
+
+import dbinfo
+
+SKIP_MARKERS = {skip_markers!r}
+NEEDS_INPUT = ("needs the suite's input files (generateInput.py in the SDK repository, "
+               "not in the sdist)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name, why in SKIP_MARKERS.items():
+            if item.get_closest_marker(name) is not None:
+                item.add_marker(pytest.mark.skip(reason=why))
+                break
+
+
+def pytest_generate_tests(metafunc):
+    # One connector kind: the native protocol over TLS ("TCP" as in the suite's ids).
+    if "db" in metafunc.fixturenames:
+        metafunc.parametrize("db", [pytest.param("tcp", marks=pytest.mark.tcp)],
+                             indirect=True, ids=["TCP"])
+
+
+def _connector():
+    from aperturedb.Connector import Connector
+    return Connector(host=dbinfo.DB_TCP_HOST, port=dbinfo.DB_TCP_PORT,
+                     user=dbinfo.DB_USER, password=dbinfo.DB_PASSWORD, use_ssl=True,
+                     ca_cert=dbinfo.CA_CERT, verify_hostname=dbinfo.VERIFY_HOSTNAME,
+                     retry_max_attempts=3, retry_interval_seconds=0)
+
+
+@pytest.fixture()
+def db(request):
+    from aperturedb.Utils import Utils
+    conn = _connector()
+    assert Utils(conn).remove_all_objects()
+    yield conn
+    conn.close()
+
+
+@pytest.fixture()
+def utils(db):
+    from aperturedb.Utils import Utils
+    return Utils(db)
+
+
+@pytest.fixture()
+def config():
+    return {{"first": {{"host": dbinfo.DB_TCP_HOST, "port": dbinfo.DB_TCP_PORT,
+                       "username": dbinfo.DB_USER, "password": dbinfo.DB_PASSWORD,
+                       "name": "first", "use_ssl": True, "use_rest": False}},
+            "active": "first"}}
+
+
+@pytest.fixture()
+def insert_data_from_csv(db):
+    pytest.skip(NEEDS_INPUT)
+
+
+@pytest.fixture()
+def modify_data_from_csv(db):
+    pytest.skip(NEEDS_INPUT)
+
+
+@pytest.fixture()
+def images(insert_data_from_csv):
+    pytest.skip(NEEDS_INPUT)
+
+
+@pytest.fixture()
+def retired_persons(insert_data_from_csv):
+    pytest.skip(NEEDS_INPUT)
+'''
+
+_DBINFO = '''\
+"""Where the SDK suite finds the server (written by stress/sdk_suite.py)."""
+import os
+
+DB_TCP_HOST = "127.0.0.1"
+DB_REST_HOST = "127.0.0.1"
+DB_TCP_PORT = int(os.environ["SDK_SUITE_PORT"])
+DB_REST_PORT = 443
+DB_USER = "admin"
+DB_PASSWORD = "admin"
+CA_CERT = os.environ["SDK_SUITE_CA"]
+VERIFY_HOSTNAME = True
+'''
+
+_PYTEST_INI = """\
+[pytest]
+pythonpath = .
+markers =
+{markers}
+    slow: slow running test
+    tcp: uses the native protocol
+    dask: uses dask
+"""
+
+
+def fetch_tests(version: str, workdir: Path) -> Path:
+    """Download and unpack the sdist once; return its ``test`` folder."""
+    tests = workdir / f"aperturedb-{version}" / "test"
+    if tests.is_dir():
+        return tests
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                    ":all:", f"aperturedb=={version}", "-d", str(workdir)], check=True)
+    sdist = workdir / f"aperturedb-{version}.tar.gz"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers()
+                   if m.name.startswith(f"aperturedb-{version}/test/")]
+        tar.extractall(workdir, members=members, filter="data")
+    if not tests.is_dir():
+        raise SystemExit(f"{sdist} has no test/ folder")
+    return tests
+
+
+def write_support(tests: Path) -> None:
+    (tests / "conftest.py").write_text(_CONFTEST.format(skip_markers=SKIP_MARKERS))
+    (tests / "dbinfo.py").write_text(_DBINFO)
+    markers = "".join(f"    {name}: {why}\n" for name, why in SKIP_MARKERS.items())
+    (tests / "pytest.ini").write_text(_PYTEST_INI.format(markers=markers.rstrip("\n")))
+
+
+def run_module(tests: Path, module: str, timeout: float) -> dict:
+    """One module against a fresh server; the counts and the skipped tests."""
+    xml = tests / f".{module}.junit.xml"
+    if xml.exists():
+        xml.unlink()
+    with ServerProcess(tls=True) as server:
+        env = dict(os.environ, SDK_SUITE_PORT=str(server.port), SDK_SUITE_CA=server.ca_path or "",
+                   ADB_LOG_FILE="")
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 "-p", "no:randomly", f"--junitxml={xml}", f"{module}.py"],
+                cwd=tests, env=env, capture_output=True, text=True, timeout=timeout)
+            out = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            out = f"TIMEOUT after {timeout} s\n{e.stdout or ''}"
+        elapsed = time.monotonic() - started
+    counts = {"db": [0, 0, 0, 0], "other": [0, 0, 0, 0]}  # passed, failed, errors, skipped
+    skipped: list[tuple[str, str]] = []
+    failed: list[str] = []
+    if xml.exists():
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            name = case.get("name", "")
+            group = "db" if "[TCP" in name else "other"
+            outcome = 0
+            for child in case:
+                if child.tag == "failure":
+                    outcome = 1
+                elif child.tag == "error":
+                    outcome = 2
+                elif child.tag == "skipped":
+                    outcome = 3
+                    skipped.append((f"{module}::{case.get('classname', '')}::{name}",
+                                    child.get("message", "")))
+            if outcome in (1, 2):
+                failed.append(f"{module}::{name}")
+            counts[group][outcome] += 1
+    return {"counts": counts, "skipped": skipped, "failed": failed, "elapsed": elapsed,
+            "output": out}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", default="0.5.3", help="the SDK version whose suite to run")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "adb-sdk-suite"),
+                    help="where the sdist is downloaded and unpacked (reused)")
+    ap.add_argument("--module", action="append", default=[],
+                    help="run only this module (repeatable), e.g. test_Utils")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per module")
+    ap.add_argument("--verbose", action="store_true", help="print each failing test's output")
+    args = ap.parse_args()
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tests = fetch_tests(args.version, workdir)
+    write_support(tests)
+    modules = sorted(p.stem for p in tests.glob("test_*.py"))
+    if args.module:
+        unknown = sorted(set(args.module) - set(modules))
+        if unknown:
+            raise SystemExit(f"no such module in the suite: {', '.join(unknown)}")
+        modules = [m for m in modules if m in args.module]
+
+    total = {"db": [0, 0, 0, 0], "other": [0, 0, 0, 0]}
+    all_skipped: list[tuple[str, str]] = []
+    print(f"SDK {args.version} suite against aperturedb-pool serve --tls "
+          "(passed/failed/errors/skipped; db = tests with the db fixture)")
+    for module in modules:
+        if module in NOT_RUN:
+            print(f"{module:28s} not run: {NOT_RUN[module]}")
+            continue
+        r = run_module(tests, module, args.timeout)
+        d, o = r["counts"]["db"], r["counts"]["other"]
+        for g in ("db", "other"):
+            total[g] = [a + b for a, b in zip(total[g], r["counts"][g], strict=True)]
+        all_skipped += r["skipped"]
+        print(f"{module:28s} db {d[0]:3d}/{d[1]:3d}/{d[2]:3d}/{d[3]:3d}   "
+              f"other {o[0]:3d}/{o[1]:3d}/{o[2]:3d}/{o[3]:3d}   {r['elapsed']:6.1f} s")
+        for name in r["failed"]:
+            print(f"    FAILED {name}")
+        if args.verbose and r["failed"]:
+            print(r["output"][-6000:])
+    d, o = total["db"], total["other"]
+    print(f"TOTAL db tests: {d[0]} passed, {d[1]} failed, {d[2]} errors, {d[3]} skipped; "
+          f"other tests: {o[0]} passed, {o[1]} failed, {o[2]} errors, {o[3]} skipped")
+    if all_skipped:
+        print("skipped:")
+        for name, why in all_skipped:
+            print(f"    {name}: {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
