@@ -25,18 +25,20 @@ the counts (it measures; it does not gate).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aperturedb_pool.testing.process import ServerProcess  # noqa: E402
+
+OUTCOMES = ("passed", "failed", "error", "skipped")
 
 # Modules that need packages or accounts this environment does not have.
 NOT_RUN = {
@@ -57,6 +59,9 @@ SKIP_MARKERS = {
 # run (the repository's conftest is not reachable from PyPI).
 _CONFTEST = '''\
 """Fixtures for the SDK suite run by aperturedb-pool's stress/sdk_suite.py."""
+import json
+import os
+
 import pytest
 
 import dbinfo
@@ -66,12 +71,39 @@ NEEDS_INPUT = ("needs the suite's input files (generateInput.py in the SDK repos
                "not in the sdist)")
 
 
+_USES_DB = {{}}
+_OUTCOME = {{}}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        _USES_DB[item.nodeid] = "db" in item.fixturenames
         for name, why in SKIP_MARKERS.items():
             if item.get_closest_marker(name) is not None:
                 item.add_marker(pytest.mark.skip(reason=why))
                 break
+
+
+def pytest_runtest_logreport(report):
+    # One outcome per test: an error in setup or teardown, else the call's.
+    if report.when == "call" or report.outcome != "passed":
+        if report.skipped:
+            outcome = "skipped"
+        elif report.failed:
+            outcome = "failed" if report.when == "call" else "error"
+        else:
+            outcome = "passed"
+        if _OUTCOME.get(report.nodeid, (None,))[0] not in ("failed", "error"):
+            why = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) \
+                else ""
+            _OUTCOME[report.nodeid] = (outcome, why)
+
+
+def pytest_sessionfinish(session):
+    with open(os.environ["SDK_SUITE_RESULTS"], "w") as f:
+        for nodeid, (outcome, why) in _OUTCOME.items():
+            f.write(json.dumps({{"test": nodeid, "outcome": outcome, "why": why,
+                                "db": _USES_DB.get(nodeid, False)}}) + "\\n")
 
 
 def pytest_generate_tests(metafunc):
@@ -183,17 +215,17 @@ def write_support(tests: Path) -> None:
 
 def run_module(tests: Path, module: str, timeout: float) -> dict:
     """One module against a fresh server; the counts and the skipped tests."""
-    xml = tests / f".{module}.junit.xml"
-    if xml.exists():
-        xml.unlink()
+    results = tests / f".{module}.results.jsonl"
+    if results.exists():
+        results.unlink()
     with ServerProcess(tls=True) as server:
         env = dict(os.environ, SDK_SUITE_PORT=str(server.port), SDK_SUITE_CA=server.ca_path or "",
-                   ADB_LOG_FILE="")
+                   ADB_LOG_FILE="", SDK_SUITE_RESULTS=str(results))
         started = time.monotonic()
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "-p", "no:randomly", f"--junitxml={xml}", f"{module}.py"],
+                 "-p", "no:randomly", f"{module}.py"],
                 cwd=tests, env=env, capture_output=True, text=True, timeout=timeout)
             out = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
@@ -202,23 +234,15 @@ def run_module(tests: Path, module: str, timeout: float) -> dict:
     counts = {"db": [0, 0, 0, 0], "other": [0, 0, 0, 0]}  # passed, failed, errors, skipped
     skipped: list[tuple[str, str]] = []
     failed: list[str] = []
-    if xml.exists():
-        for case in ET.parse(xml).getroot().iter("testcase"):
-            name = case.get("name", "")
-            group = "db" if "[TCP" in name else "other"
-            outcome = 0
-            for child in case:
-                if child.tag == "failure":
-                    outcome = 1
-                elif child.tag == "error":
-                    outcome = 2
-                elif child.tag == "skipped":
-                    outcome = 3
-                    skipped.append((f"{module}::{case.get('classname', '')}::{name}",
-                                    child.get("message", "")))
-            if outcome in (1, 2):
-                failed.append(f"{module}::{name}")
-            counts[group][outcome] += 1
+    if results.exists():
+        for line in results.read_text().splitlines():
+            r = json.loads(line)
+            outcome = OUTCOMES.index(r["outcome"])
+            if r["outcome"] == "skipped":
+                skipped.append((r["test"], r["why"]))
+            elif r["outcome"] != "passed":
+                failed.append(f"{r['outcome'].upper()} {r['test']}")
+            counts["db" if r["db"] else "other"][outcome] += 1
     return {"counts": counts, "skipped": skipped, "failed": failed, "elapsed": elapsed,
             "output": out}
 
@@ -261,7 +285,7 @@ def main() -> int:
         print(f"{module:28s} db {d[0]:3d}/{d[1]:3d}/{d[2]:3d}/{d[3]:3d}   "
               f"other {o[0]:3d}/{o[1]:3d}/{o[2]:3d}/{o[3]:3d}   {r['elapsed']:6.1f} s")
         for name in r["failed"]:
-            print(f"    FAILED {name}")
+            print(f"    {name}")
         if args.verbose and r["failed"]:
             print(r["output"][-6000:])
     d, o = total["db"], total["other"]
