@@ -353,3 +353,11 @@ def test_indexed_answers_equal_scanning_answers(ops):
                 got = sorted(int(e["_uniqueid"].split(".")[0])
                              for e in resp[0]["FindEntity"].get("entities", []))
                 assert got == _scan(store, prop, value), (prop, value)
+        # Two equality tests: the smallest bucket is read, both still decide.
+        for kv, jv in ((0, 1), (1, "a"), (None, True)):
+            resp, _ = store.execute([{"FindEntity": {
+                "with_class": "P", "uniqueids": True,
+                "constraints": ["all", ["$k", "==", kv], ["$j", "==", jv]]}}], [])
+            got = sorted(int(e["_uniqueid"].split(".")[0])
+                         for e in resp[0]["FindEntity"].get("entities", []))
+            assert got == sorted(set(_scan(store, "k", kv)) & set(_scan(store, "j", jv)))

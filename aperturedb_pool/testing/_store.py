@@ -213,25 +213,26 @@ def _as_list(x: Any, where: str) -> list:
 
 # --- the equality index ------------------------------------------------------------
 
-def _equality_term(spec: Any) -> tuple[str, Any] | None:
-    """One ``property == value`` test that every match of ``spec`` must pass, or None.
+def _equality_terms(spec: Any) -> list[tuple[str, Any]]:
+    """The ``property == value`` tests that every match of ``spec`` must pass.
 
     Only a term the whole constraint depends on qualifies (a top-level key of the
     property form, a top-level comparison or a member of a top-level ``"all"`` of
     the expression form): the candidates it selects are a superset of the answer,
     and the full predicate still runs on each of them.
     """
+    terms: list[tuple[str, Any]] = []
     if isinstance(spec, dict):
         for key, ops in spec.items():
             if key in ("any", "all") or key == "_uniqueid" or not isinstance(ops, list):
                 continue
             for i in range(0, len(ops) - 1, 2):
-                if ops[i] == "==" and _hashable(ops[i + 1]):
-                    return key, _plain(ops[i + 1])
-        return None
+                if ops[i] == "==" and _hashable(_plain(ops[i + 1])):
+                    terms.append((key, _plain(ops[i + 1])))
+        return terms
     if isinstance(spec, list) and spec:
-        terms = spec[1:] if spec[0] == "all" else [spec]
-        for t in terms:
+        exprs = spec[1:] if spec[0] == "all" else [spec]
+        for t in exprs:
             if (isinstance(t, list) and len(t) == 3 and t[1] == "=="
                     and isinstance(t[0], str) and t[0].startswith("$")
                     and not t[0].startswith("$$") and t[0] != "$_uniqueid"):
@@ -240,8 +241,8 @@ def _equality_term(spec: Any) -> tuple[str, Any] | None:
                 except CommandError:
                     continue
                 if _hashable(value):
-                    return t[0][1:], value
-    return None
+                    terms.append((t[0][1:], value))
+    return terms
 
 
 def _hashable(value: Any) -> bool:
@@ -544,10 +545,12 @@ class _Transaction:
     def _candidates(self, cls: str, spec: Any) -> Iterable[Entity]:
         """The objects of ``cls`` that may match ``spec``: an equality index's bucket
         when the constraints hold an equality test, else the whole class."""
-        term = _equality_term(spec)
-        if term is not None:
-            return self.store._prop_index(cls, term[0]).lookup(term[1])
-        return self.by_class.get(cls, {}).values()
+        terms = _equality_terms(spec) if spec else None
+        if not terms:
+            return self.by_class.get(cls, {}).values()
+        # The smallest bucket of all the equality tests (each (class, property)
+        # index is built once, on its first use).
+        return min((self.store._prop_index(cls, p).lookup(v) for p, v in terms), key=len)
 
     def _select(self, where: str, params: dict, kind: str, class_key: str) -> list[Entity]:
         """Objects chosen by ``ref`` and/or class + constraints, in id order."""
