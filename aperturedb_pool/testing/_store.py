@@ -767,10 +767,8 @@ class _Transaction:
         self._insert(ent)
         if owner is not None:
             self._connect(owner[0], owner[1], ent, {})
-        for key in ("connect",):
-            spec = params.get(key)
-            if spec is not None:
-                self._connect_spec(where, spec, ent)
+        if params.get("connect") is not None:
+            self._connect_spec(where, params["connect"], ent)
         self._bind(where, params, [ent])
         return {"status": STATUS_OK}
 
