@@ -227,12 +227,15 @@ def images(insert_data_from_csv):
 
 @pytest.fixture()
 def retired_persons(db, insert_data_from_csv, utils):
+    from aperturedb.Constraints import Constraints
     from aperturedb.Entities import Entities
+    from aperturedb.Query import Query
 
     utils.remove_entities(class_name="Person")
     insert_data_from_csv("./input/persons.adb.csv")
-    return Entities.retrieve(db, spec={{"with_class": "Person",
-                                       "constraints": {{"age": [">=", 60]}}}})
+    sixty_plus = Constraints()
+    sixty_plus.greaterequal("age", 60)
+    return Entities.retrieve(db, spec=Query.spec(with_class="Person", constraints=sixty_plus))
 '''
 
 _DBINFO = '''\
