@@ -45,6 +45,7 @@ NOT_RUN = {
     "test_torch_connector": "needs torch",
     "test_tf_connector": "needs tensorflow",
     "test_kaggle": "needs Kaggle credentials and the internet",
+    "test_SPARQL": "imports the CLIP transformer: needs torch and openai-clip",
 }
 
 # Markers of the suite's pytest.ini, and why a test carrying one is skipped here.
@@ -110,6 +111,11 @@ def pytest_runtest_logreport(report):
             why = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) \
                 else ""
             _OUTCOME[report.nodeid] = (outcome, why)
+
+
+def pytest_collectreport(report):
+    if report.failed:  # a module that cannot even be imported counts as one error
+        _OUTCOME[report.nodeid or "collection"] = ("error", "")
 
 
 def pytest_sessionfinish(session):
