@@ -5,21 +5,25 @@
 
 The test modules come from the SDK's sdist on PyPI (``pip download --no-deps
 --no-binary :all: aperturedb==VERSION``, its ``test/`` folder). The suite's
-``conftest.py``, ``dbinfo.py`` and ``pytest.ini`` live only in the SDK's git
-repository, which a PyPI-only machine cannot reach, so this script writes its
-own: a ``db`` fixture that connects over TLS with the server's generated CA and
-hostname checking and empties the database with ``Utils.remove_all_objects()``
-(as the suite's fixture does), ``utils`` and ``config`` fixtures, and markers.
-It does not recreate the suite's input files (``generateInput.py`` in the
-repository), so the fixtures that load them skip their tests, with the reason.
+``conftest.py``, ``dbinfo.py``, ``pytest.ini`` and input generators live only in
+the SDK's git repository, which a PyPI-only machine cannot reach, so this script
+writes its own: a ``db`` fixture that connects over TLS with the server's
+generated CA and hostname checking and empties the database with
+``Utils.remove_all_objects()`` (as the suite's fixture does); ``utils``,
+``config``, ``images``, ``retired_persons`` and the loader fixtures
+``insert_data_from_csv``/``modify_data_from_csv``; and input files in the
+SDK's documented CSV formats (``write_inputs``). A test that needs an input
+file not generated here (URL lists, image update variants) is skipped, naming
+the file.
 
 Each module runs in its own pytest process against a fresh server process.
-Tests marked as needing the internet, cloud or Kaggle credentials, the REST
-interface or the input files are skipped and listed; the torch, tensorflow and
-Kaggle modules are not run (listed too). Prints one line per module
-(passed/failed/errors/skipped, database tests first), the totals, and the
-skipped tests with their reasons. The exit status is 0 when it ran, whatever
-the counts (it measures; it does not gate).
+Tests marked as needing the internet, cloud or Kaggle credentials or the REST
+interface are skipped and listed; the torch, tensorflow, CLIP and Kaggle
+modules are not run (listed too). Prints one line per module
+(passed/failed/errors/skipped, first the tests that use the ``db`` fixture,
+then the others), the totals, and the skipped tests with their reasons. The
+exit status is 0 when it ran, whatever the counts (it measures; it does not
+gate).
 """
 
 from __future__ import annotations
