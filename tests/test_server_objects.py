@@ -180,6 +180,32 @@ def test_bounding_boxes_of_an_image_with_coordinates_and_labels(db):
     assert "'width' must be a number" in info
 
 
+def test_polygons_clips_and_frames_follow_their_image_or_video(db):
+    ok(db, [{"AddImage": {"_ref": 1}},
+            {"AddPolygon": {"image_ref": 1, "label": "roof",
+                            "polygons": [[[0, 0], [4, 0], [4, 3]]]}},
+            {"AddVideo": {"_ref": 2, "properties": {"name": "v"}}},
+            {"AddClip": {"video_ref": 2, "label": "intro", "properties": {"start": 0}}},
+            {"AddFrame": {"video_ref": 2, "properties": {"number": 7}}}],
+       [b"img", b"video"])
+    resp, _ = ok(db, [{"FindPolygon": {"vertices": True, "labels": True}},
+                      {"FindVideo": {"_ref": 1}},
+                      {"FindClip": {"is_connected_to": {"ref": 1}, "labels": True}},
+                      {"FindFrame": {"is_connected_to": {"ref": 1},
+                                     "results": {"list": ["number"]}}}])
+    (poly,) = resp[0]["FindPolygon"]["entities"]
+    assert poly == {"_vertices": [[[0, 0], [4, 0], [4, 3]]], "_label": "roof"}
+    assert resp[2]["FindClip"]["entities"] == [{"_label": "intro"}]
+    assert resp[3]["FindFrame"]["entities"] == [{"number": 7}]
+    info = failed(db, [{"FindImage": {"_ref": 1}}, {"AddClip": {"video_ref": 1}}])
+    assert "'video_ref' must reference exactly one Video" in info
+    resp, _ = ok(db, [{"DeleteVideo": {}}, {"FindClip": {"results": {"count": True}}},
+                      {"FindFrame": {"results": {"count": True}}},
+                      {"FindPolygon": {"results": {"count": True}}}])
+    assert [r[next(iter(r))].get("count") for r in resp] == [None, 0, 0, 1]
+    assert resp[0]["DeleteVideo"]["count"] == 1
+
+
 # ------------------------------------------------------------------ descriptors
 
 

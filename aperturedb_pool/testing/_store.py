@@ -1154,6 +1154,8 @@ _FIND_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
     "BoundingBox": (("coordinates", "_coordinates"), ("labels", "_label")),
     "Polygon": (("vertices", "_vertices"), ("labels", "_label")),
     "Descriptor": (("labels", "_label"),),
+    "Clip": (("labels", "_label"),),
+    "Frame": (("labels", "_label"),),
     "DescriptorSet": (("metrics", "_metrics"), ("dimensions", "_dimensions"),
                       ("engines", "_engines")),
 }
