@@ -14,6 +14,7 @@ call queue), so one query runs at a time and sees no concurrent writer.
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any, Callable, Iterable
 
 # Status codes of the ApertureDB protocol.
@@ -309,7 +310,10 @@ class Connection(Entity):
     __slots__ = ("src", "dst")
 
     def __init__(self, uid: int, cls: str, props: dict[str, Any], src: int, dst: int) -> None:
-        super().__init__(uid, cls, props, None)
+        self.uid = uid
+        self.cls = cls
+        self.props = props
+        self.data = None
         self.src = src
         self.dst = dst
 
@@ -332,7 +336,7 @@ class Store:
         self.connections: dict[int, Connection] = {}
         self.conn_by_class: dict[str, dict[int, Connection]] = {}
         # object id -> the connections that start or end at it
-        self.edges: dict[int, dict[int, Connection]] = {}
+        self.edges: dict[int, list[Connection]] = {}  # lists: cheaper than dicts to make
         # class -> property -> equality index; built on the first equality look-up
         # of that (class, property) or by CreateIndex, then kept in step by
         # ``_link``/``_unlink``/``_set_props`` (the only writers of objects).
@@ -369,9 +373,19 @@ class Store:
         if type(e) is Connection:
             self.connections[e.uid] = e
             self.conn_by_class.setdefault(e.cls, {})[e.uid] = e
-            self.edges.setdefault(e.src, {})[e.uid] = e
-            self.edges.setdefault(e.dst, {})[e.uid] = e
+            edges = self.edges
+            if e.src in edges:
+                edges[e.src].append(e)
+            else:
+                edges[e.src] = [e]
+            if e.dst in edges:
+                edges[e.dst].append(e)
+            else:
+                edges[e.dst] = [e]
             return
+        self._link_object(e)
+
+    def _link_object(self, e: Entity) -> None:
         self.objects[e.uid] = e
         self.by_class.setdefault(e.cls, {})[e.uid] = e
         indexes = self.eq_index.get(e.cls)
@@ -385,8 +399,8 @@ class Store:
             self.conn_by_class.get(e.cls, {}).pop(e.uid, None)
             for end in (e.src, e.dst):
                 adj = self.edges.get(end)
-                if adj is not None:
-                    adj.pop(e.uid, None)
+                if adj is not None and e in adj:
+                    adj.remove(e)
                     if not adj:
                         del self.edges[end]
             return
@@ -503,17 +517,13 @@ class _Transaction:
             params = {}
         if not isinstance(params, dict):
             raise CommandError(f"{where}: parameters must be an object")
-        handler = _HANDLERS.get(name)
-        if handler is None:
-            for verb in ("Add", "Find", "Update", "Delete"):
-                suffix = name[len(verb):]
-                if name.startswith(verb) and suffix in _OBJECT_CLASSES:
-                    result = getattr(self, "_" + verb.lower())(where, params, suffix)
-                    return {name: result}
+        entry = _DISPATCH.get(name)
+        if entry is None:
             raise CommandError(
                 f"{where}: unknown command {name!r}; the embedded server supports "
                 + ", ".join(sorted(SUPPORTED_COMMANDS)))
-        return {name: handler(self, where, params)}
+        fn, kind = entry
+        return {name: fn(self, where, params) if kind is None else fn(self, where, params, kind)}
 
     # --- helpers ----------------------------------------------------------------
     def _class_of(self, where: str, params: dict, kind: str, key: str) -> str | None:
@@ -614,7 +624,7 @@ class _Transaction:
                                f"got {direction!r}")
         linked: set[int] = set()
         for o in others:
-            for c in self.store.edges.get(o.uid, {}).values():
+            for c in self.store.edges.get(o.uid, ()):
                 if cclass is not None and c.cls != cclass:
                     continue
                 if c.dst == o.uid and direction in ("out", "any"):
@@ -663,7 +673,7 @@ class _Transaction:
         for k, v in props.items():
             if k.startswith("_"):
                 raise CommandError(f"{where}: property names starting with '_' are reserved ({k!r})")
-            if isinstance(v, dict):
+            if type(v) is dict:
                 _check_special_value(where, k, v)
         return props
 
@@ -678,7 +688,7 @@ class _Transaction:
 
     def _insert(self, e: Entity) -> None:
         self.store._link(e)
-        self.undo.append(lambda: self.store._unlink(e))
+        self.undo.append(partial(self.store._unlink, e))
 
     def _new_uid(self) -> int:
         store = self.store
@@ -696,7 +706,7 @@ class _Transaction:
             return
         if e.uid not in self.objects:
             return
-        for c in list(store.edges.get(e.uid, {}).values()):
+        for c in list(store.edges.get(e.uid, ())):
             if c.uid not in store.connections:
                 continue
             owned = self.objects.get(c.dst) if (c.cls in _OWNING_LINKS
@@ -709,8 +719,11 @@ class _Transaction:
         self.undo.append(lambda: store._link(e))
 
     def _connect(self, cls: str, src: Entity, dst: Entity, props: dict[str, Any]) -> Connection:
-        c = Connection(self._new_uid(), cls, props, src.uid, dst.uid)
-        self._insert(c)
+        store = self.store
+        c = Connection(store._next_uid, cls, props, src.uid, dst.uid)
+        store._next_uid += 1
+        store._link(c)
+        self.undo.append(partial(store._unlink, c))
         return c
 
     def _owner(self, where: str, params: dict, key: str, cls: str) -> Entity | None:
@@ -751,10 +764,11 @@ class _Transaction:
             raise CommandError(f"{where}: 'class' is required")
         props = dict(self._properties(where, params))
         owner: tuple[str, Entity] | None = None
-        if kind in _KIND_SETUP:
-            owner = _KIND_SETUP[kind](self, where, params, props)
+        setup = _KIND_SETUP.get(kind)
+        if setup is not None:
+            owner = setup(self, where, params, props)
         data = self._next_blob(where) if kind in _BLOB_KINDS else None
-        if kind == "Descriptor" and owner is not None and data is not None:
+        if data is not None and kind == "Descriptor" and owner is not None:
             self._vector(where, data, owner[1].props["_dimensions"])
         cond = params.get("if_not_found")
         if cond is not None:
@@ -763,12 +777,16 @@ class _Transaction:
             if found:
                 self._bind(where, params, found)
                 return {"status": STATUS_EXISTS, "info": "Object Exists!"}
-        ent = Entity(self._new_uid(), cls, props, data)
-        self._insert(ent)
+        store = self.store
+        ent = Entity(store._next_uid, cls, props, data)
+        store._next_uid += 1
+        store._link_object(ent)
+        self.undo.append(partial(store._unlink, ent))
         if owner is not None:
             self._connect(owner[0], owner[1], ent, {})
-        if params.get("connect") is not None:
-            self._connect_spec(where, params["connect"], ent)
+        connect = params.get("connect")
+        if connect is not None:
+            self._connect_spec(where, connect, ent)
         self._bind(where, params, [ent])
         return {"status": STATUS_OK}
 
@@ -777,7 +795,7 @@ class _Transaction:
         if not isinstance(spec, dict) or "ref" not in spec:
             raise CommandError(f"{where}: 'connect' must be an object with a 'ref'")
         cls = spec.get("class", "AT:connects")  # the default class name is an assumption
-        props = self._properties(where, spec)
+        props = self._properties(where, spec) if "properties" in spec else {}
         direction = spec.get("direction", "out")
         if direction not in ("in", "out"):
             raise CommandError(f"{where}: connect 'direction' must be 'in' or 'out'")
@@ -1166,6 +1184,13 @@ _HANDLERS: dict[str, Callable[[_Transaction, str, dict], dict[str, Any]]] = {
     "CreateIndex": _Transaction._create_index,
     "RemoveIndex": _Transaction._remove_index,
     "GetIndexes": _Transaction._get_indexes,
+}
+
+# Command name -> (method, object kind or None for the handlers above).
+_DISPATCH: dict[str, tuple[Callable[..., dict[str, Any]], str | None]] = {
+    **{name: (fn, None) for name, fn in _HANDLERS.items()},
+    **{verb + kind: (getattr(_Transaction, "_" + verb.lower()), kind)
+       for verb in ("Add", "Find", "Update", "Delete") for kind in _OBJECT_CLASSES},
 }
 
 SUPPORTED_COMMANDS = frozenset(
