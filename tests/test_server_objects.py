@@ -151,6 +151,27 @@ def test_connections_found_by_class_ends_and_constraints(db):
     assert (conns["knows"]["src"], conns["knows"]["dst"]) == ("Person", "Person")
 
 
+def test_connections_survive_a_rolled_back_delete_and_go_with_a_real_one(db):
+    ok(db, [{"AddEntity": {"class": "P", "_ref": 1, "properties": {"name": "me"}}},
+            {"AddEntity": {"class": "P", "_ref": 2, "properties": {"name": "you"}}},
+            {"AddConnection": {"class": "self", "src": 1, "dst": 1}},
+            {"AddConnection": {"class": "likes", "src": 1, "dst": 2}}])
+    failed(db, [{"DeleteEntity": {"with_class": "P", "constraints": {"name": ["==", "me"]}}},
+                {"NoSuchCommand": {}}])
+    query = [{"FindEntity": {"with_class": "P", "_ref": 1,
+                             "constraints": {"name": ["==", "you"]}}},
+             {"FindEntity": {"with_class": "P", "results": {"list": ["name"]},
+                             "is_connected_to": {"ref": 1, "direction": "out"}}},
+             {"FindConnection": {"results": {"count": True}}}]
+    resp, _ = ok(db, query)
+    assert resp[1]["FindEntity"]["entities"] == [{"name": "me"}]
+    assert resp[2]["FindConnection"]["count"] == 2
+    ok(db, [{"DeleteEntity": {"with_class": "P", "constraints": {"name": ["==", "me"]}}}])
+    resp, _ = ok(db, query)
+    assert resp[1]["FindEntity"]["returned"] == 0
+    assert resp[2]["FindConnection"]["count"] == 0
+
+
 def test_add_connection_needs_both_ends(db):
     ok(db, [{"AddEntity": {"class": "A"}}])
     info = failed(db, [{"FindEntity": {"with_class": "A", "_ref": 1}},
