@@ -37,6 +37,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -183,6 +184,11 @@ def _loader_class(path):
         pytest.skip(NEEDS_INPUT + f": {{name}} is not generated")
     if name.startswith("persons-update"):
         return PersonUpdates
+    for prefix, cls in (("images_updateif", ImageDataCSV.ImageUpdateDataCSV),
+                        ("images_forceupdate", ImageDataCSV.ImageForceNewestDataCSV),
+                        ("images_sparseload", ImageDataCSV.ImageSparseAddDataCSV)):
+        if name.startswith(prefix):
+            return cls
     for prefix, cls in (("persons", EntityDataCSV.EntityDataCSV),
                         ("images", ImageDataCSV.ImageDataCSV),
                         ("connections", ConnectionDataCSV.ConnectionDataCSV),
@@ -390,6 +396,8 @@ def write_inputs(tests: Path, seed: int = 19) -> None:
     same["constraint_box_id"] = 123
     same.to_csv(inp / "bboxes-constraints.adb.csv", index=False)
 
+    write_image_updates(inp, rng, image_files)
+
     dims = 16
     pd.DataFrame({"name": ["setA", "setB"], "dimensions": [dims, dims],
                   "engine": ["FaissFlat", "FaissFlat"], "metric": ["L2", "CS"]}).to_csv(
@@ -401,6 +409,63 @@ def write_inputs(tests: Path, seed: int = 19) -> None:
                       "label": [labels[i % 4] for i in range(count)],
                       "confidence": rng.uniform(size=count).round(4)}).to_csv(
             inp / f"{setname}.adb.csv", index=False)
+
+
+def write_image_updates(inp: Path, rng: Any, small: list[str]) -> None:
+    """Inputs of the image update loaders: the same ids loaded twice.
+
+    ``updateif``: the second load's newer version updates the properties, never the
+    blob (bigger images in ``fail_updates`` must not replace the small ones).
+    ``forceupdate``: without a generated blob property the same holds
+    (``fail_*``); with ``gen_blobsha1_sha`` a changed blob is deleted and added
+    again (``blob_baseload`` then ``updates``: every image becomes big).
+    ``mixednew``: the first load plus new ids. ``sparseload``: half, then all.
+    """
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    big = []
+    for i in range(20):
+        name = f"images/big_{i:04d}.png"
+        pixels = rng.integers(0, 256, size=(160, 160, 3), dtype=np.uint8)
+        ok, png = cv2.imencode(".png", pixels)
+        assert ok
+        (inp / name).write_bytes(png.tobytes())
+        big.append(name)
+
+    def frame(files: list[str], ids: list[int], version: int, gen: bool = False) -> Any:
+        df = pd.DataFrame({"filename": files, "id": ids, "license": [i % 3 for i in ids],
+                           "version_id": version})
+        if gen:
+            df["gen_blobsha1_sha"] = ""  # the loader computes the blob's sha1
+        df["constraint_id"] = df["id"]
+        df["updateif_<version_id"] = version
+        if gen:
+            df["updateif_blobsha1_sha"] = ""
+        return df
+
+    base_ids = list(range(1000, 1020))
+    new_ids = list(range(2000, 2010))
+    smalls = [small[i % len(small)] for i in range(20)]
+    for kind in ("updateif", "forceupdate"):
+        frame(smalls, base_ids, 1).to_csv(inp / f"images_{kind}_baseload.adb.csv", index=False)
+        pd.concat([frame(smalls, base_ids, 1), frame(smalls[:10], new_ids, 1)]).to_csv(
+            inp / f"images_{kind}_mixednew.adb.csv", index=False)
+    frame(smalls, base_ids, 1).to_csv(inp / "images_updateif_fail_baseload.adb.csv",
+                                      index=False)
+    frame(big, base_ids, 2).to_csv(inp / "images_updateif_fail_updates.adb.csv", index=False)
+    frame(smalls, base_ids, 1).to_csv(inp / "images_forceupdate_fail_base.adb.csv",
+                                      index=False)
+    frame(big, base_ids, 2).to_csv(inp / "images_forceupdate_fail_updates.adb.csv",
+                                   index=False)
+    frame(smalls, base_ids, 1, gen=True).to_csv(
+        inp / "images_forceupdate_blob_baseload.adb.csv", index=False)
+    frame(big, base_ids, 2, gen=True).to_csv(inp / "images_forceupdate_updates.adb.csv",
+                                             index=False)
+    sparse = frame(smalls, base_ids, 1).drop(columns=["updateif_<version_id"])
+    sparse.head(10).to_csv(inp / "images_sparseload_base.adb.csv", index=False)
+    sparse.to_csv(inp / "images_sparseload_full.adb.csv", index=False)
 
 
 def write_support(tests: Path) -> None:
