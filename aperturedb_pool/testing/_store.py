@@ -6,6 +6,25 @@ and recorded in an undo log; if any command fails, the log is replayed
 backwards so nothing of the query remains, and the answer is the
 failed-transaction object ``{"status": -1, "info": "..."}``.
 
+What is stored: objects (entities of any class; blobs, images, videos, clips,
+frames, bounding boxes, polygons, descriptor sets and descriptors under the
+system classes ``_Blob``, ``_Image``...) and connections between them. An
+object that belongs to another (a box to its image, a descriptor to its set)
+is linked by a connection of a system class and deleted with its owner;
+deleting any object deletes its connections. Equality tests in constraints and
+``if_not_found`` read an index per (class, property) built on first use.
+
+Assumptions where the real server's answer is unknown (the SDK's parsing code
+is followed; see also the README's table): ``L2`` distances are squared, ``CS``
+and ``IP`` are similarities (largest first); the owning links' classes are
+``_ImageToBoundingBox``, ``_ImageToPolygon``, ``_VideoToClip``,
+``_VideoToFrame`` and ``_DescriptorSetToDescriptor`` (the last as the SDK names
+it); ``is_connected_to`` ``direction`` "out" selects connections' sources, "in"
+their destinations; ``CreateIndex`` of an existing index answers status 2 and
+``RemoveIndex`` of a missing one fails the transaction; an Add's ``connect``
+without a class uses ``AT:connects``; system properties (``_name``,
+``_label``, ``_coordinates``, ...) are listed by ``all_properties``.
+
 Thread safety: a ``Store`` has no lock of its own. The server calls it from
 its single event-loop thread only (other threads reach it through the loop's
 call queue), so one query runs at a time and sees no concurrent writer.
