@@ -287,6 +287,10 @@ def test_create_get_remove_index_stay_consistent(db):
     assert utils.create_connection_index("knows", "since")
     assert utils.get_indexed_props("Person") == ["name"]
     assert utils.get_indexed_props("knows", type="connections") == ["since"]
+    ok(db, [{"AddEntity": {"class": "Person", "properties": {"name": "x", "age": 3}}}])
+    schema, _ = ok(db, [{"GetSchema": {}}])
+    props = schema[0]["GetSchema"]["entities"]["classes"]["Person"]["properties"]
+    assert props["name"][1] is True and props["age"][1] is False
     assert {(i["target"], i["class"], i["property"]) for i in utils.get_indexes()} >= {
         ("entity", "Person", "name"), ("connection", "knows", "since"),
         ("entity", "_DescriptorSet", "_name")}

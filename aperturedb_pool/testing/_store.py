@@ -1000,6 +1000,11 @@ class _Transaction:
             c = next(iter(self.store.conn_by_class[cls].values()))
             summary["src"] = self.objects[c.src].cls if c.src in self.objects else None
             summary["dst"] = self.objects[c.dst].cls if c.dst in self.objects else None
+        for target, summary in (("entity", classes), ("connection", conns)):
+            for (t, cls, prop, _kind) in self.store.declared:
+                props = summary.get(cls, {}).get("properties") if t == target else None
+                if props and prop in props:
+                    props[prop][1] = True  # [matched, indexed, type]
         entities = {"returned": len(classes), "classes": classes} if classes else None
         connections = {"returned": len(conns), "classes": conns} if conns else None
         return {"status": STATUS_OK, "entities": entities, "connections": connections}
