@@ -4,6 +4,7 @@ index's invariants, the store directly)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["ADB_LOG_FILE"] = ""  # before any aperturedb import: no error.<time>.log files
@@ -412,3 +413,52 @@ def test_indexed_answers_equal_scanning_answers(ops):
             got = sorted(int(e["_uniqueid"].split(".")[0])
                          for e in resp[0]["FindEntity"].get("entities", []))
             assert got == sorted(set(_scan(store, "k", kv)) & set(_scan(store, "j", jv)))
+
+
+def _state(store):
+    """Everything a query can change, comparable by value."""
+    conns = sorted((c.uid, c.cls, c.src, c.dst, repr(c.props))
+                   for c in store.connections.values())
+    edges = sorted((k, sorted(c.uid for c in v)) for k, v in store.edges.items())
+    return store.dump(), conns, edges, sorted(store.declared)
+
+
+COMMANDS = st.sampled_from([
+    [{"AddEntity": {"class": "P", "_ref": 1, "properties": {"k": 1}}},
+     {"AddBlob": {"connect": {"ref": 1, "class": "has"}}}],
+    [{"AddImage": {"_ref": 1, "properties": {"k": 2}}},
+     {"AddBoundingBox": {"image_ref": 1, "rectangle": {"x": 0, "y": 0, "width": 1,
+                                                       "height": 1}}}],
+    [{"FindEntity": {"with_class": "P", "_ref": 1}},
+     {"FindImage": {"_ref": 2}},
+     {"AddConnection": {"class": "sees", "src": 1, "dst": 2}}],
+    [{"DeleteEntity": {"with_class": "P", "constraints": {"k": ["==", 1]}}}],
+    [{"DeleteImage": {}}],
+    [{"UpdateEntity": {"with_class": "P", "properties": {"k": 3}}}],
+    [{"UpdateEntity": {"with_class": "P", "properties": {"k": 1}}}],
+    [{"DeleteConnection": {"with_class": "sees"}}],
+    [{"CreateIndex": {"target": "entity", "class": "P", "property": "j"}}],
+])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(COMMANDS, max_size=8), st.lists(COMMANDS, max_size=4), COMMANDS)
+def test_a_failed_query_leaves_objects_connections_and_indexes_as_they_were(setup, plain, last):
+    store = Store()
+    for query in setup:
+        store.execute(query, [b"x"] * sum(1 for c in query if "AddBlob" in c or "AddImage" in c))
+    before = _state(store)
+    # Commands of several groups without '_ref' (refs are unique per query), then one
+    # whole group, then a command that fails.
+    query = [cmd for q in plain for cmd in q if "ref" not in json.dumps(cmd)] + last
+    resp, _ = store.execute(query + [{"NoSuchCommand": {}}],
+                            [b"x"] * sum(1 for c in query if "AddBlob" in c or "AddImage" in c))
+    assert isinstance(resp, dict) and resp["status"] == -1
+    assert _state(store) == before
+    # The equality index still answers as a scan does.
+    for value in (1, 2, 3):
+        found, _ = store.execute([{"FindEntity": {"with_class": "P", "uniqueids": True,
+                                                  "constraints": {"k": ["==", value]}}}], [])
+        got = sorted(int(e["_uniqueid"].split(".")[0])
+                     for e in found[0]["FindEntity"].get("entities", []))
+        assert got == _scan(store, "k", value)
