@@ -509,7 +509,7 @@ class _Transaction:
         self.out_blobs: list[bytes] = []
         self.refs: dict[int, list[Entity]] = {}
         self.undo: list[Callable[[], Any]] = []
-        self.reinserted: set[str] = set()  # classes of objects deleted by this query
+        self.reinserted: set[str] | None = None  # classes of objects deleted by this query
 
     def rollback(self) -> None:
         for fn in reversed(self.undo):
@@ -734,6 +734,8 @@ class _Transaction:
             if owned is not None:
                 self._remove(owned)
         store._unlink(e)
+        if self.reinserted is None:
+            self.reinserted = set()
         self.reinserted.add(e.cls)
         self.undo.append(lambda: store._link(e))
 

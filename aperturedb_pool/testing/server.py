@@ -920,10 +920,13 @@ class EmbeddedServer:
                     why = self._users.denied(who, names)
             if why is not None:
                 response = {"status": -1, "info": why}
-            elif not USER_COMMANDS.isdisjoint(names):
-                response = self._user_commands(query, names)
             else:
                 response, blobs = self._store.execute(query, list(msg.blobs) if msg.blobs else [])
+                # The store refuses user commands as unknown (and changes nothing):
+                # looking for them only then keeps them off the path of other queries.
+                if type(response) is dict and not USER_COMMANDS.isdisjoint(names):
+                    response = self._user_commands(query, names)
+                    blobs = []
             if type(response) is dict:
                 counters["failed_transactions"] += 1
 
