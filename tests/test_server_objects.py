@@ -173,6 +173,18 @@ def test_connections_survive_a_rolled_back_delete_and_go_with_a_real_one(db):
     assert resp[2]["FindConnection"]["count"] == 0
 
 
+def test_update_connection_changes_only_the_chosen_ones(db):
+    ok(db, [{"AddEntity": {"class": "P", "_ref": 1}}, {"AddEntity": {"class": "P", "_ref": 2}},
+            {"AddConnection": {"class": "knows", "src": 1, "dst": 2, "properties": {"w": 1}}},
+            {"AddConnection": {"class": "knows", "src": 2, "dst": 1, "properties": {"w": 2}}}])
+    resp, _ = ok(db, [{"UpdateConnection": {"with_class": "knows", "properties": {"w": 9},
+                                            "constraints": {"w": ["==", 2]}}}])
+    assert resp[0]["UpdateConnection"]["count"] == 1
+    resp, _ = ok(db, [{"FindConnection": {"with_class": "knows",
+                                          "results": {"list": ["w"], "sort": "w"}}}])
+    assert resp[0]["FindConnection"]["entities"] == [{"w": 1}, {"w": 9}]
+
+
 def test_add_connection_needs_both_ends(db):
     ok(db, [{"AddEntity": {"class": "A"}}])
     info = failed(db, [{"FindEntity": {"with_class": "A", "_ref": 1}},

@@ -117,3 +117,14 @@ def test_a_role_still_held_cannot_be_removed(admin, writer):
     assert resp["status"] == -1 and "still held by ['ann']" in resp["info"]
     run(admin, "RemoveUser", username="ann")
     run(admin, "RemoveRole", name="writer")
+
+
+def test_get_users_and_roles_list_them_without_secrets(admin, writer):
+    token = run(admin, "GenerateToken")["token"]
+    run(admin, "UpdateUser", username="ann", add_tokens=[token], email="a@example.test")
+    users = run(admin, "GetUsers")["users"]
+    assert users == [{"username": "ann", "roles": ["writer"], "email": "a@example.test",
+                      "tokens": [token[:13]]}]
+    roles = run(admin, "GetRoles")["roles"]
+    assert roles == [{"name": "writer", "objects": {"read": True, "create": True,
+                                                    "update": False, "delete": False}}]
