@@ -212,6 +212,14 @@ def insert_data_from_csv(db):
         loader = ParallelLoader(db)
         loader.ingest(data, batchsize=100, numthreads=4, stats=False)
         assert loader.error_counter == 0
+        # The loader creates an index for each constraint property; the server must
+        # list every one of them back (GetIndexes).
+        if hasattr(data, "get_indices"):
+            have = loader.get_existing_indices()
+            for target, classes in data.get_indices().items():
+                for cls, props in classes.items():
+                    missing = set(props) - have.get(target, {{}}).get(cls, set())
+                    assert not missing, f"no index on {{target}} {{cls}} {{missing}}: {{have}}"
         assert len(data) - loader.get_succeeded_queries() == expected_error_count
         if loader_result_lambda is not None:
             loader_result_lambda(loader, data)
