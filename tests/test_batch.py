@@ -249,3 +249,23 @@ def test_argument_validation() -> None:
     with pytest.raises(TypeError, match="ThreadPoolExecutor"):
         with cf.ProcessPoolExecutor(max_workers=1) as ex:
             run_batches(object(), lambda c, b: None, [], executor=ex)
+
+
+def test_the_readme_batch_example_adds_each_person_once(adb_server: Any) -> None:
+    """The README's loader (stress/batch_example.py holds it verbatim), twice over the
+    same people: the second run finds every person through the equality index."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "stress" / "batch_example.py"
+    spec = importlib.util.spec_from_file_location("batch_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    people = [{"id": i, "name": f"person {i}"} for i in range(2000)]
+    for _ in range(2):
+        with _pool(adb_server) as pool:
+            result = run_batches(pool, example.load, people, batch_size=100, threads=16)
+        assert not result.failed and len(result.acknowledged) == 20
+        stored = [o for o in adb_server.dump() if o["class"] == "Person"]
+        assert sorted(o["properties"]["id"] for o in stored) == list(range(2000))

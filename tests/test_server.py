@@ -231,7 +231,7 @@ def test_token_authentication():
         c = fast(s, password="", token="adbp_personal")
         assert status(c.query([{"GetStatus": {}}])[0]) == 0
         bad = fast(s, password="", token="other")
-        with pytest.raises(Exception, match="unknown token"):
+        with pytest.raises(Exception, match="unknown or revoked token"):
             bad.query([{"GetStatus": {}}])
 
 

@@ -18,6 +18,7 @@ methods from another process: a connection whose hello carries
 from __future__ import annotations
 
 import collections
+import copy
 import heapq
 import json
 import logging
@@ -35,6 +36,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from aperturedb_pool.testing._store import SUPPORTED_COMMANDS, Store
+from aperturedb_pool.testing._users import USER_COMMANDS, UserError, Users
 from aperturedb_pool.testing._wire import (
     CONTROL_PROTOCOL,
     CONTROL_VERSION,
@@ -199,6 +201,8 @@ class EmbeddedServer:
         self._store = Store()
         self._sessions: dict[str, float] = {}                  # session token -> expiry
         self._refresh: dict[str, tuple[float, str]] = {}       # refresh token -> (expiry, session)
+        self._users = Users()                                  # users other than the configured one
+        self._session_user: dict[str, str] = {}                # session token -> such a user
         self._conns: dict[int, _Conn] = {}                     # fd -> connection
         self._waiting: collections.deque[_Conn] = collections.deque()
         self._n_served = 0
@@ -460,6 +464,7 @@ class EmbeddedServer:
         n = self._do_drop()
         self._sessions.clear()
         self._refresh.clear()
+        self._session_user.clear()
         self._timers.clear()
         return n
 
@@ -908,7 +913,20 @@ class EmbeddedServer:
             counters["session_rejections"] += 1
             response = None
         else:
-            response, blobs = self._store.execute(query, list(msg.blobs) if msg.blobs else [])
+            why = None
+            if self._session_user:  # only once a user other than the configured one logged in
+                who = self._session_user.get(msg.token)
+                if who is not None:
+                    why = self._users.denied(who, names)
+            if why is not None:
+                response = {"status": -1, "info": why}
+            else:
+                response, blobs = self._store.execute(query, list(msg.blobs) if msg.blobs else [])
+                # The store refuses user commands as unknown (and changes nothing):
+                # looking for them only then keeps them off the path of other queries.
+                if type(response) is dict and not USER_COMMANDS.isdisjoint(names):
+                    response = self._user_commands(query, names)
+                    blobs = []
             if type(response) is dict:
                 counters["failed_transactions"] += 1
 
@@ -954,14 +972,19 @@ class EmbeddedServer:
             return False
         return True
 
-    def _issue(self) -> dict[str, Any]:
+    def _issue(self, user: str | None = None) -> dict[str, Any]:
+        """A new session (of ``user``, None: the configured user) and its refresh token."""
         now = time.monotonic()
         if len(self._sessions) > 1000 or len(self._refresh) > 1000:
             self._sessions = {t: e for t, e in self._sessions.items() if e >= now}
             self._refresh = {t: v for t, v in self._refresh.items() if v[0] >= now}
+            self._session_user = {t: u for t, u in self._session_user.items()
+                                  if t in self._sessions}
         session = secrets.token_hex(16)
         refresh = secrets.token_hex(16)
         self._sessions[session] = now + self.session_ttl
+        if user is not None:
+            self._session_user[session] = user
         self._refresh[refresh] = (now + self.refresh_ttl, session)
         return {"status": 0, "session_token": session, "refresh_token": refresh,
                 "session_token_expires_in": self.session_ttl,
@@ -985,27 +1008,63 @@ class EmbeddedServer:
             return [{"RefreshToken": {"status": -1, "info": "RefreshToken: the refresh token is "
                                       "invalid, expired or already used"}}]
         self._sessions.pop(entry[1], None)  # the old session token is rotated away
-        return [{"RefreshToken": self._issue()}]
+        return [{"RefreshToken": self._issue(self._session_user.pop(entry[1], None))}]
 
     def _authenticate(self, params: dict) -> dict[str, Any]:
         self._counters["authenticate"] += 1
         user = params.get("username")
         password = params.get("password")
         token = params.get("token")
+        who: str | None = None
         if self.auth:
             if password:
                 ok = user == self.username and password == self.password
+                if not ok and self._users.password_ok(user, password):
+                    ok, who = True, user
                 why = "wrong username or password"
             elif token:
                 ok = token in self._tokens
-                why = "unknown token"
+                if not ok:
+                    who = self._users.owner_of(token)
+                    ok = who is not None
+                why = "unknown or revoked token"
             else:
                 ok = False
                 why = "a password or a token is required"
             if not ok:
                 self._counters["authenticate_failed"] += 1
                 return {"status": -1, "info": f"Authenticate: authentication failed: {why}"}
-        return self._issue()
+        return self._issue(who)
+
+    # --- users, roles, tokens ---
+    def _user_commands(self, query: list, names: list[str]) -> Any:
+        """A query of user-management commands, all or nothing."""
+        if len(names) != len(query) or not USER_COMMANDS.issuperset(names):
+            return {"status": -1, "info": "user, role and token commands ("
+                    + ", ".join(sorted(USER_COMMANDS)) + ") must not share a query with "
+                    "other commands"}
+        saved = copy.deepcopy((self._users.users, self._users.roles, self._users.token_owner))
+        answers, changed = [], []
+        try:
+            for cmd, name in zip(query, names, strict=True):
+                answer, user = self._users.run(name, cmd[name])
+                answers.append({name: answer})
+                if user is not None:
+                    changed.append(user)
+        except UserError as e:
+            self._users.users, self._users.roles, self._users.token_owner = saved
+            return {"status": -1, "info": str(e)}
+        for user in changed:
+            self._end_sessions(user)
+        return answers
+
+    def _end_sessions(self, user: str) -> None:
+        """Forget the sessions and refresh tokens of ``user`` (it changed)."""
+        ended = {t for t, u in self._session_user.items() if u == user}
+        for t in ended:
+            self._sessions.pop(t, None)
+            del self._session_user[t]
+        self._refresh = {r: v for r, v in self._refresh.items() if v[1] not in ended}
 
     # --- control channel ---
     def _on_control(self, conn: _Conn, payload: bytes) -> None:
@@ -1037,4 +1096,4 @@ class EmbeddedServer:
 
 
 # Exported for documentation and the CLI.
-SUPPORTED = sorted(SUPPORTED_COMMANDS)
+SUPPORTED = sorted(SUPPORTED_COMMANDS | USER_COMMANDS)
