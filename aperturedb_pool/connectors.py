@@ -257,6 +257,14 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                     sock.settimeout(connect_timeout)
                 orig_send(data)
                 return
+            if phase.deadline is not None:
+                # A session step may have run since the query started: the
+                # write too ends by the deadline.
+                try:
+                    _within(conn.conn, phase.deadline)
+                except socket.timeout as e:
+                    raise ConnectFailed(f"the retry deadline passed before the request to "
+                                        f"{where} was sent; it was not sent") from e
             # Counted before the first byte is written (see Phase.outstanding).
             phase.outstanding += 1
             phase.sent = True
@@ -392,6 +400,13 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             if callable(orig):
                 setattr(conn, name, _before_the_query(orig, where, conn if name == "authenticate"
                                                       else None))
+        # Both take the session lock shared by every clone, which another
+        # connector may hold for a whole refresh against a slow server: with a
+        # deadline, wait for it no longer than that (nothing is sent yet).
+        for name in ("_check_session_status", "authenticate"):
+            orig = getattr(conn, name, None)
+            if callable(orig):
+                setattr(conn, name, _session_lock_within_deadline(orig, conn, phase, where))
 
     def query(q: Any, blobs: Any = None) -> Any:
         if slot.check_owner is not None:
@@ -446,7 +461,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 raise OutcomeUnknown(
                     f"malformed response from {where} (not a protobuf message); the query "
                     f"may or may not have run", query=q) from e
-            if sdk and phase.outstanding == 0 and conn.conn is not None:
+            if sdk and phase.outstanding == 0 and conn.conn is not None and conn.connected:
                 # Every request written was answered in full: the stream is
                 # intact (the SDK raised on a complete response, such as a
                 # failed login, or an interruption came before the first
@@ -633,6 +648,30 @@ def _raised_in(e: BaseException, function: str) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and tb.tb_frame.f_code.co_name == function
+
+
+def _session_lock_within_deadline(fn: Callable[..., Any], conn: Any, phase: Phase,
+                                  where: str) -> Callable[..., Any]:
+    """Wrap a session step that takes the SDK's shared session lock: with a
+    deadline, first wait until the lock is free, no longer than the deadline.
+    It is watched, not taken: between taking a lock with a timeout and the
+    statement that would release it, an interruption could leave it held for
+    every clone (the step takes it itself with ``with``)."""
+    def step(*args: Any, **kwargs: Any) -> Any:
+        deadline = phase.deadline
+        lock = getattr(getattr(conn, "shared_data", None), "lock", None)
+        if deadline is not None and lock is not None:
+            while lock.locked():  # rare: another clone is renewing the session
+                if _deadline_clock() >= deadline:
+                    raise ConnectFailed(f"another connector was renewing the session with "
+                                        f"{where} until the retry deadline passed; the query "
+                                        f"was not sent")
+                time.sleep(_SESSION_LOCK_POLL)
+        return fn(*args, **kwargs)
+    return step
+
+
+_SESSION_LOCK_POLL = 0.005
 
 
 def _probe_before_send(conn: Any, slot: Any, where: str) -> None:

@@ -184,9 +184,27 @@ _process_time = time.process_time  # replaced by tests
 # A slot out of the pool with no holder pointing back at it for this long was
 # lost to an interruption (see "Interruptions"; tests shorten it).
 _LOST_GRACE = 1.0
-# sys.getrefcount of a holder that nothing but its slot refers to, as counted
-# in _find_lost (the slot, the local variable, getrefcount's argument).
-_HOLDER_UNREFERENCED = 3
+
+
+def _unreferenced_count() -> int:
+    # sys.getrefcount of a holder that nothing but its slot refers to, seen
+    # through the same code shape as _find_lost (the slot's attribute, a
+    # local variable, getrefcount's argument: 3 on CPython 3.10-3.13; newer
+    # interpreters may borrow some of these references, so it is measured).
+    class Slot:
+        __slots__ = ("holder",)
+        holder: Any
+
+    class Holder:
+        __slots__ = ("_slot",)
+
+    slot = Slot()
+    slot.holder = Holder()
+    holder = slot.holder
+    return sys.getrefcount(holder)
+
+
+_HOLDER_UNREFERENCED = _unreferenced_count()
 # A waiter whose timed wake-ups have backed off to this (it has waited about
 # twice as long) wakes the background thread at each of them.
 _LONG_WAIT = 0.08
@@ -737,6 +755,9 @@ class ConnectionPool:
         # Leases granted: this plus the live slots' ``uses`` (a dropped slot's
         # count moves here), so the hot path counts without the lock.
         self._granted_base = 0
+        # When a long waiter may next wake the background thread (a hint,
+        # read and written without the lock: a race costs one wake-up more).
+        self._long_wait_wakeup = 0.0
 
     def open(self, wait: bool = False, timeout: float | None = None) -> "ConnectionPool":
         """Start the pool: open ``min_size`` connectors in the background.
@@ -1138,9 +1159,11 @@ class ConnectionPool:
                     self._c["timeouts"] += 1
                     raise PoolTimeout(self._timeout_message(timeout))
                 self._maybe_grow()
-            if slice_ >= _LONG_WAIT:
+            if slice_ >= _LONG_WAIT and now >= self._long_wait_wakeup:
                 # Waiting long: let the background thread look for connectors
-                # lost to an interruption now rather than at its next round.
+                # lost to an interruption now rather than at its next round
+                # (at most every _LONG_WAIT, whatever the number of waiters).
+                self._long_wait_wakeup = now + _LONG_WAIT
                 self._bg_wakeup.set()
             slice_ = min(max(slice_ * 2, 0.005), 0.25)
         # ``waiter._slot`` stays set until the caller holds the slot: an
@@ -1637,28 +1660,38 @@ class ConnectionPool:
                 # One round trip: authenticates the shared session if needed and
                 # proves the connection works before anyone leases it.
                 slot.owner = _get_ident()
-                self._ping(conn)
+                self._ping(conn, slot)
                 slot.owner = None
         except BaseException:
             _close_quietly(conn)
             raise
         return conn, slot
 
-    def _ping(self, conn: Any) -> None:
-        # Bounded, so that a server that stopped answering cannot hold the
-        # background thread (or an opener) forever.
-        sock = socket_of(conn)
-        bounded = sock is not None and hasattr(sock, "settimeout")
-        if bounded:
-            sock.settimeout(self.connect_timeout)
-        try:
-            response, _ = conn.query([{"GetStatus": {}}])
-        finally:
-            if bounded and socket_of(conn) is sock:
-                try:
-                    sock.settimeout(self.query_timeout)
-                except OSError:
-                    pass
+    def _ping(self, conn: Any, slot: _Slot) -> None:
+        # Bounded by connect_timeout, so that a server that stopped answering
+        # cannot hold the background thread (or an opener) forever: through
+        # the connector's deadline (which bounds every read, the session steps
+        # before the request and the wait for the session lock), or, for an
+        # object the pool cannot observe, its socket's timeout.
+        if slot.tracked:
+            slot.phase.deadline = _monotonic() + self.connect_timeout
+            try:
+                response, _ = conn.query([{"GetStatus": {}}])
+            finally:
+                slot.phase.deadline = None
+        else:
+            sock = socket_of(conn)
+            bounded = sock is not None and hasattr(sock, "settimeout")
+            if bounded:
+                sock.settimeout(self.connect_timeout)
+            try:
+                response, _ = conn.query([{"GetStatus": {}}])
+            finally:
+                if bounded and socket_of(conn) is sock:
+                    try:
+                        sock.settimeout(self.query_timeout)
+                    except OSError:
+                        pass
         if not (isinstance(response, list) and response and
                 isinstance(response[0], dict) and
                 response[0].get("GetStatus", {}).get("status") == 0):
@@ -1798,23 +1831,28 @@ class ConnectionPool:
                            "leased at:\n%s", self.name, slot.id, age, self.leak_threshold,
                            "".join(stack or []))
         for slot in pings:
+            # Each ping may take up to connect_timeout: lost slots are looked
+            # for between them too.
+            self._recover_lost(_monotonic())
             self._keepalive(slot)
         self._close_pending()
         return next_round
 
     def _recover_lost(self, now: float) -> float:
-        """Close and replace the connectors no one will ever return (background
-        thread; see "Interruptions").  Returns seconds until a suspect is due."""
+        """Close and replace the connectors no one will ever return (the
+        background thread each round, and stats(); see "Interruptions").
+        Returns seconds until a suspect is due."""
         with self._lock:
-            if self._closed:
-                return math.inf
+            closed = self._closed
             lost, dropped, due = self._find_lost(now)
             for slot in dropped:
                 self._drop(slot, "reclaimed")
             for slot in lost:
                 self._drop(slot, "lost")
-            if lost or dropped:
+            if (lost or dropped) and not closed:
                 self._maybe_grow()
+        if closed and (lost or dropped):
+            self._close_pending()  # no background thread after close()
         for _ in dropped:
             warnings.warn(f"a lease of pool {self.name!r} was dropped without release(); its "
                           f"connector is closed (call release() or use 'with pool.lease()')",
@@ -1850,10 +1888,11 @@ class ConnectionPool:
                 # The slot's reference, this frame's and getrefcount's own
                 # argument: nothing else.
                 if sys.getrefcount(holder) <= _HOLDER_UNREFERENCED:
-                    # A lease the caller let go of (or whose return was
-                    # interrupted at its start), or a waiter whose thread
-                    # left without taking its connector.
-                    (dropped if isinstance(holder, Lease) else lost).append(slot)
+                    # A lease from acquire() the caller let go of; or a
+                    # ``with`` lease whose return was interrupted at its
+                    # start, or a waiter whose thread left without taking
+                    # its connector (lost to an interruption).
+                    (dropped if isinstance(holder, _ManualLease) else lost).append(slot)
                 else:
                     slot.suspect = None
                 continue
@@ -1897,7 +1936,7 @@ class ConnectionPool:
             else:
                 slot.owner = _get_ident()
                 try:
-                    self._ping(slot.conn)
+                    self._ping(slot.conn, slot)
                 finally:
                     slot.owner = None
         except Exception as e:

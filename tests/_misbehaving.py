@@ -7,6 +7,7 @@ every other request gets ``mode``'s treatment:
 ``silent``     read, never answered (the connection stays open)
 ``huge``       answered with a length prefix of ``prefix`` and ``body`` bytes, then silence
 ``answer``     answered ``[{"Cmd": {"status": 0, "echo": <request json>}}]`` (a sane server)
+``mute``       nothing is answered any more, not even ``GetStatus`` (set on a running server)
 
 One thread per connection, bounded by ``stop()`` (which closes every socket).
 """
@@ -82,6 +83,8 @@ class MisbehavingServer:
                 msg.ParseFromString(recv_frame(sock))
                 query = json.loads(msg.json)
                 cmd = next(iter(query[0])) if isinstance(query, list) and query else ""
+                if self.mode == "mute":
+                    continue
                 if cmd in ("Authenticate", "RefreshToken"):
                     self._answer(sock, [{cmd: {
                         "status": 0, "session_token": "s", "refresh_token": "r",

@@ -209,6 +209,54 @@ def test_a_short_deadline_does_not_cut_a_later_query_without_one(adb_server: Any
     assert keys_of(pool.query(find(5), retry=RetryPolicy(deadline=5.0))[0]) == [5]
 
 
+def test_a_keepalive_ping_after_a_bounded_query_is_bounded_too(pools: list) -> None:
+    # A query under a retry deadline leaves the socket's timeout set from it;
+    # the background ping that follows must still end within connect_timeout.
+    server = MisbehavingServer("answer")
+    try:
+        pool = ConnectionPool(server.connector(), min_size=1, max_size=1, timeout=JOIN,
+                              keepalive_interval=0.2, connect_timeout=0.5)
+        pools.append(pool)
+        pool.wait_ready(JOIN)
+        pool.query(find(1))  # the default policy has a 30 s deadline
+        server.mode = "mute"
+        wait_until(lambda: pool.stats().discarded.get("failed_ping"),
+                   "the unanswered ping to fail")
+        assert pool.stats().keepalive_pings >= 1
+    finally:
+        server.stop()
+
+
+def test_the_retry_deadline_bounds_the_wait_for_the_shared_session_lock(
+        adb_server: Any, pools: list) -> None:
+    template = adb_server.connector()
+    pool = ConnectionPool(template, min_size=1, max_size=1, timeout=JOIN)
+    pools.append(pool)
+    pool.wait_ready(JOIN)
+    outcome: list[Any] = []
+
+    def call() -> None:
+        t0 = time.monotonic()
+        try:
+            pool.query(find(1), retry=RetryPolicy(deadline=1.0, initial_delay=0.01))
+            outcome.append(("answered", time.monotonic() - t0))
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            outcome.append((e, time.monotonic() - t0))
+
+    # Another connector renewing the session (against a slow server) holds
+    # the lock every clone shares.
+    with template.shared_data.lock:
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        t.join(6.0)
+        assert not t.is_alive(), "pool.query waited for the session lock past its deadline"
+    err, took = outcome[0]
+    assert took < 1.0 + 2.0
+    assert "renewing the session" in str(err) + str(getattr(err, "__cause__", ""))
+    # Nothing was sent, and the connector is fine once the lock is free.
+    assert keys_of(pool.query(find(1))[0]) in ([], [1])
+
+
 # ---------------------------------------------------------------------------
 # 5. a lease's timeout covers a hand-off that turned out unusable
 # ---------------------------------------------------------------------------
