@@ -3,13 +3,23 @@
 Locking (the argument for thread safety)
 ----------------------------------------
 ``ConnectionPool._lock`` (a plain ``threading.Lock``) guards every mutable field
-of the pool but one: ``_waiters``, ``_size``, ``_all`` (the set of live slots),
-``_pinging``, ``_opening``, ``_closed``, ``_generation``,
-the counters in ``_c`` and ``_granted_base``, and the background work lists
-``_to_close``/``_open_requests``.  It is held only for short, non-blocking
-bookkeeping: never across a network call, a sleep or a wait.  Decisions are
-taken under the lock; waiting (on a waiter's own lock) and I/O (probes, opening,
-closing, pinging) happen outside it.
+of the pool but the few listed below: ``_waiters``, ``_size``, ``_all`` (the set
+of live slots), ``_pinging``, ``_opening``, ``_opens_running``, ``_opened``,
+``_closed``, ``_generation``, the counters in ``_c``, ``_discarded`` and
+``_granted_base``, the background work (``_to_close``, ``_open_requests``),
+the refill state (``_open_failures``, ``_last_open_error``,
+``_unreachable_since``, ``_next_open_at``, ``_permanent_at``), the fairness
+state (``_overdue_at``, ``_handoff_after``, ``_cpu_bound``, ``_cpu_mark``,
+``_cpu_next``, ``_cpu_note``), ``_ready_waiters``, and each slot's ``suspect``.
+It is held only for short, non-blocking bookkeeping: never across a network
+call, a sleep or a wait.  Decisions are taken under the lock; waiting (on a
+waiter's own lock) and I/O (probes, opening, closing, pinging) happen outside
+it.  Every acquisition is a ``with`` statement (see "Interruptions").
+
+Not guarded by the lock: ``_idle`` (below); ``_fast``, ``_overdue_at`` and
+``_generation`` read as hints by the fast paths (written under the lock);
+``_long_wait_wakeup`` (a hint: a race costs one wake-up more); ``_tls``
+(per thread); ``_bg_wakeup`` (``SimpleQueue``, safe from any thread).
 
 The exception is ``_idle``, the deque of idle slots.  Its single-item
 operations (``append``, ``pop``, ``popleft``, ``remove``, ``copy``, ``[0]``)
@@ -71,14 +81,68 @@ that instant, and off by the slots in passage otherwise; a retired slot that a
 racing return appended after ``retire_all()`` counts as idle until the next
 checkout or maintenance round drops it.
 
-A waiter interrupted while it waits (KeyboardInterrupt, an exception from a
-signal handler) leaves the queue, and a connector handed to it at that moment
-is put back (``_abandon_wait``).  An asynchronous exception that lands inside
-a fast path, between its ``_idle`` operation and the next statement, can
-still strand one slot: it stays counted as leased (the pool serves with one
-connector fewer) and its connector stays open until ``close(timeout)`` shuts
-it down or the process exits.  Nothing short of a lock around the hot path
-closes that window.
+Interruptions
+-------------
+CPython delivers a signal handler's exception (``KeyboardInterrupt``, a soft
+time limit) and an asynchronous exception at a function's entry, at a backward
+jump and right after a call returns: between almost any two statements, and
+between a C call such as ``deque.pop()`` returning and the store of its result.
+What the pool guarantees under such an exception, anywhere in its code or the
+caller's:
+
+* No lock is left held.  The pool lock is only taken by ``with`` (an exception
+  cannot land between a ``with``'s acquisition and its cleanup taking effect);
+  other threads are woken by single C calls (a waiter's own lock,
+  ``SimpleQueue.put`` for the background thread, a per-caller lock for
+  ``wait_ready``), never through ``threading.Condition``/``Event``, whose
+  Python code could be interrupted holding their inner lock.  The SDK's shared
+  session lock is only watched (``connectors``), never taken by the pool.
+* No connector owed an answer is used again.  A connector counts requests
+  whose write started minus responses read in full (``Phase.outstanding``):
+  above zero, it refuses to send (``ConnectorUnusable``) and is discarded when
+  its lease ends, whichever exchange (the caller's, a session refresh, the
+  SDK's re-send after a rejected session) was interrupted.
+* No wait outlives its bound: a lease's timeout is one absolute deadline, and a
+  retry policy's deadline bounds every read, write and wait for the session
+  lock of the attempt.
+* A slot no one will return comes back.  Each slot names its ``holder``: the
+  Lease or _Waiter it was given to (set before the holder's own reference),
+  ``_MAINTENANCE`` while pinged, None while idle.  The background thread (each
+  round, at most every second; sooner when callers have waited long) and
+  ``stats()`` look at every live slot out of ``_idle`` (``_find_lost``): a
+  holder that nothing else refers to (``sys.getrefcount``) can never return it
+  (a dropped ``acquire()`` lease warns with a ResourceWarning); a slot with no
+  holder, or whose holder does not point back, that stays so unchanged for
+  ``_LOST_GRACE`` (1 s) was lost between two statements of a lease path.  Both
+  are closed and replaced (never reused: a thread starved of the GIL for that
+  second in the middle of a lease path would find its connector closed, its
+  query failing, never shared).  A waiter taken off the queue by an interrupted
+  hand-off queues again at its next timed wake-up.
+* Where a lease path can, it undoes its own interruption at once: an
+  interrupted wait puts back a connector handed to it (``_abandon_wait``), a
+  lease interrupted after its connector was assigned but before ``__enter__``
+  returned gives it back (the ``with`` statement will not call ``__exit__``).
+
+What cannot be guaranteed in CPython, and what happens then:
+
+* An exception that lands in the caller's ``__exit__`` call before its first
+  statement leaves the slot with its lease: it is recovered (closed and
+  replaced) once nothing refers to the lease any more, which is when the
+  exception and its traceback are gone.  A caller that keeps the exception
+  (or its frames) keeps the slot out of service until then.
+* Library code the pool calls (``logging`` handlers, ``warnings``) takes
+  Python-level locks of its own, which an asynchronous exception can leave
+  held; the pool logs from callers' threads only on rare paths (a failed
+  probe, a retirement, a recovered slot).
+* A signal handler's ``OSError`` (``TimeoutError`` included) raised during a
+  read or write is indistinguishable from a transport failure: it surfaces as
+  ``QueryTimeout``/``OutcomeUnknown`` (chained to it).
+
+``tests/test_injection.py`` raises at every line of the package the lease
+paths run; ``stress/scenario_injection.py`` after every call too, with both
+kinds of exception; ``stress/scenario_asyncexc.py`` sends about 5,000 real
+asynchronous exceptions a second into 16 threads.  None hangs, answers
+wrongly or loses a slot for good.
 
 Fairness
 --------
@@ -343,12 +407,15 @@ class Lease:
     # _slot: None before the acquisition, the slot while leased, _RELEASED
     # after.  _req (when a slow-path acquisition started) is set only there:
     # the lease is the hot path, and every store counts.
-    __slots__ = ("_pool", "_timeout", "_slot", "_req")
+    __slots__ = ("_pool", "_timeout", "_slot", "_req", "_thread")
 
     def __init__(self, pool: "ConnectionPool", timeout: float | None) -> None:
         self._pool = pool
         self._timeout = timeout
         self._slot: _Slot | None = None
+        # The thread that asked: a PoolTimeout tells a caller that waits for
+        # a connector while it holds others of the same pool.
+        self._thread = _get_ident()
 
     _req: float
 
@@ -1155,7 +1222,7 @@ class ConnectionPool:
                     self._remove_waiter(waiter)
                     raise copy.copy(self._last_open_error) from None
                 if now >= deadline:
-                    self._remove_waiter(waiter)
+                    self._remove_waiter(waiter)  # "waiting" counts the other callers
                     self._c["timeouts"] += 1
                     raise PoolTimeout(self._timeout_message(timeout))
                 self._maybe_grow()
@@ -1188,14 +1255,29 @@ class ConnectionPool:
                f"(size {self._size}/{self.max_size}, leased {self._leased_count()}, "
                f"idle {len(self._idle)}, waiting {len(self._waiters)}, "
                f"opening {self._opening})")
+        mine = self._held_by_caller()
+        if mine:
+            msg += (f"; the calling thread itself holds {mine} of them: a lease taken (or "
+                    f"pool.query() called) inside another lease of the same pool waits for "
+                    f"a connector this thread will not return before it gets one. Query "
+                    f"through the connector you hold, or raise max_size above the leases "
+                    f"one thread holds at once")
         if self._unreachable_since is not None:
             msg += (f"; the server has been unreachable for "
                     f"{_monotonic() - self._unreachable_since:.1f} s "
                     f"(last error: {self._last_open_error!r})")
-        else:
+        elif not mine:
             msg += ("; raise max_size or timeout, or hold leases for less time "
                     "(leak_threshold finds leases held too long)")
         return msg
+
+    def _held_by_caller(self) -> int:
+        # Under the lock, when a lease timed out: how many connectors leases
+        # asked for by the calling thread hold now.
+        me = _get_ident()
+        return sum(1 for s in self._all
+                   if isinstance(s.holder, Lease) and s.holder._thread == me and
+                   s.holder._slot is s)
 
     def _handoff(self, slot: _Slot) -> None:
         # Under the lock: give slot to the oldest waiter.  Its wait is counted

@@ -625,6 +625,24 @@ def test_pool_timeout_message_and_type(make_pool: Any) -> None:
         lease.release()
 
 
+def test_pool_timeout_names_the_leases_the_calling_thread_holds(make_pool: Any) -> None:
+    pool = make_pool(min_size=1, max_size=1, name="nested")
+    with pool.lease() as conn:
+        assert conn is not None
+        with pytest.raises(PoolTimeout, match="calling thread itself holds 1 of them"):
+            with pool.lease(timeout=0.02):
+                pass
+        with pytest.raises(PoolTimeout, match="calling thread itself holds 1"):
+            pool.query([{"GetStatus": {}}], retry=RetryPolicy(deadline=0.05))
+    # Held by another thread: no such hint, the usual advice instead.
+    t, box = start(lambda: pool.acquire(timeout=JOIN))
+    join(t)
+    with pytest.raises(PoolTimeout) as info:
+        pool.acquire(timeout=0.02)
+    assert "calling thread" not in str(info.value) and "raise max_size" in str(info.value)
+    box["result"].release()
+
+
 def test_pool_timeout_message_counts_other_waiters(make_pool: Any) -> None:
     pool = make_pool(min_size=1, max_size=1, name="p")
     held = pool.acquire()
