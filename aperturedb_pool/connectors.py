@@ -152,7 +152,7 @@ class Phase:
     pings an idle connector it has taken out of the pool), so it needs no lock."""
 
     __slots__ = ("connecting", "sent", "outstanding", "last_io", "failed", "requests",
-                 "reached", "deadline", "bounded")
+                 "reached", "deadline", "bounded", "watched", "expired")
 
     def __init__(self) -> None:
         self.connecting = False
@@ -187,8 +187,17 @@ class Phase:
         # attempts of a retry policy with a deadline.
         self.deadline: float | None = None
         # The socket's timeout was last set from a deadline (bound_socket),
-        # not to the pool's query_timeout.
+        # not to the pool's query_timeout: every read and write of the current
+        # query is bounded by the socket itself.
         self.bounded = False
+        # The pool's background thread watches this query's deadline (set
+        # with it by the pool, for its queries): when the deadline is far, the
+        # socket stays blocking (a socket with a timeout polls before every
+        # read and write: one more system call, one more GIL release each)
+        # and an overdue query's socket is shut down by the watcher, which
+        # sets ``expired`` first so the failure reads as a QueryTimeout.
+        self.watched = False
+        self.expired = False
 
 
 def _describe(conn: Any) -> str:
@@ -257,7 +266,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                     sock.settimeout(connect_timeout)
                 orig_send(data)
                 return
-            if phase.deadline is not None:
+            if phase.bounded and phase.deadline is not None:
                 # A session step may have run since the query started: the
                 # write too ends by the deadline.
                 try:
@@ -274,6 +283,11 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 else:
                     orig_send(data)
             except OSError as e:
+                if phase.expired:
+                    late = QueryTimeout(f"sending to {where} did not finish within the retry "
+                                        f"deadline; the request may have reached the server")
+                    phase.failed = late
+                    raise late from e
                 if e.errno in _NOT_DELIVERED:
                     # The peer is gone: sendall could not complete the frame,
                     # and the server executes only complete frames.
@@ -298,8 +312,11 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
 
         def _recv_msg() -> Any:
             try:
-                response = (read_frame(conn.conn, scratch, phase.deadline) if own
+                response = (read_frame(conn.conn, scratch,
+                                       phase.deadline if phase.bounded else None) if own
                             else orig_recv())
+                if response is None and phase.expired:
+                    raise socket.timeout("shut down by the deadline's watcher")
             except socket.timeout as e:
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} timed out") from e
@@ -314,6 +331,12 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 # (conn.conn is None).
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} failed: {e!r}") from e
+                if phase.expired:  # shut down by the deadline's watcher (TLS: an error)
+                    late = QueryTimeout(
+                        f"no response from {where} within the retry deadline; the query may "
+                        f"or may not have run, check before re-sending a write")
+                    phase.failed = late
+                    raise late from e
                 unknown = OutcomeUnknown(
                     f"connection to {where} failed after the request was sent ({e!r}); the "
                     f"query may or may not have run")
@@ -426,13 +449,19 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         phase.failed = None
         try:
             now = _monotonic()
+            if phase.expired:
+                phase.expired = False
             deadline = phase.deadline if sdk else None  # a stand-in has no socket to bound
-            if deadline is not None:
-                # A retry deadline bounds the whole exchange: the write and
-                # every read (read_frame re-arms the timeout per read).
+            if deadline is not None and (query_timeout is not None or not phase.watched or
+                                         deadline - _deadline_clock() < WATCHED_BEYOND):
+                # A deadline bounds the whole exchange: the write and every
+                # read (read_frame re-arms the timeout per read).
                 bound_socket(conn.conn, deadline - _deadline_clock(), query_timeout)
                 phase.bounded = True
             elif phase.bounded:
+                # No deadline, or a far one the pool's background thread
+                # watches: the socket goes back to the pool's query_timeout
+                # (None by default: blocking, one system call per read).
                 phase.bounded = False
                 _restore_timeout(conn, query_timeout)
             if now - phase.last_io > probe_after:
@@ -489,6 +518,11 @@ def _restore_timeout(conn: Any, query_timeout: float | None) -> None:
         except OSError:
             pass
 
+
+#: A deadline further than this when a pool query starts is enforced by the
+#: pool's background thread (``Phase.watched``), closer ones by the socket's
+#: timeout.
+WATCHED_BEYOND = 3.0
 
 #: How far a socket timeout may differ from the time left before a deadline
 #: and still be kept: setting a timeout is a system call (which releases the

@@ -1664,6 +1664,9 @@ class ConnectionPool:
                 own = _monotonic() + attempt_timeout
                 until = own if until is None else min(until, own)
             if phase is not None:
+                # Far deadlines are watched by the background thread
+                # (_expire_overdue), near ones bound the socket (connectors).
+                phase.watched = True
                 phase.deadline = until
             reached = phase.reached if phase is not None else 0
             try:
@@ -1671,6 +1674,7 @@ class ConnectionPool:
             except BaseException as e:
                 if phase is not None:
                     phase.deadline = None
+                    phase.watched = False
                 lease.__exit__(type(e), e, None)  # counts an unknown outcome
                 if (isinstance(e, ConnectFailed) and not idempotent and phase is not None and
                         phase.reached > reached):
@@ -1686,6 +1690,7 @@ class ConnectionPool:
                 raise
             if phase is not None:
                 phase.deadline = None
+                phase.watched = False
             lease.__exit__(None, None, None)
             return result
 
@@ -1756,6 +1761,7 @@ class ConnectionPool:
         # before the request and the wait for the session lock), or, for an
         # object the pool cannot observe, its socket's timeout.
         if slot.tracked:
+            slot.phase.watched = False  # bounded by the socket: no one watches the watcher
             slot.phase.deadline = _monotonic() + self.connect_timeout
             try:
                 response, _ = conn.query([{"GetStatus": {}}])
@@ -1837,7 +1843,7 @@ class ConnectionPool:
 
     def _maintain(self, now: float) -> float:
         """One round of background work; returns seconds until the next round."""
-        next_round = min(1.0, self._recover_lost(now))
+        next_round = min(1.0, self._recover_lost(now), self._expire_overdue(now))
         self._log_cpu_note()
         # Opens requested by waiters, shrinking and min_size: each in an
         # opener thread, so that a slow or hanging connect never stalls the
@@ -1912,13 +1918,47 @@ class ConnectionPool:
             logger.warning("pool %r: connector %d leased for %.3f s (leak_threshold %.3g s); "
                            "leased at:\n%s", self.name, slot.id, age, self.leak_threshold,
                            "".join(stack or []))
-        for slot in pings:
-            # Each ping may take up to connect_timeout: lost slots are looked
-            # for between them too.
-            self._recover_lost(_monotonic())
-            self._keepalive(slot)
+        if pings:
+            # Each ping may take up to connect_timeout: they run in a thread
+            # of their own, so this thread goes on watching deadlines and
+            # looking for lost slots meanwhile.
+            threading.Thread(target=self._keepalive_all, args=(pings,), daemon=True,
+                             name=f"aperturedb-pool-{self.name}-ping").start()
         self._close_pending()
         return next_round
+
+    def _keepalive_all(self, slots: list[_Slot]) -> None:
+        for slot in slots:
+            self._keepalive(slot)
+        self._close_pending_if_closed()
+
+    def _expire_overdue(self, now: float) -> float:
+        """Shut down the sockets of pool queries past their (far) deadline (the
+        background thread; see connectors.Phase.watched).  Returns seconds until
+        the next watched deadline."""
+        due = math.inf
+        overdue: list[tuple[_Slot, float]] = []
+        with self._lock:
+            for slot in self._all:
+                phase = slot.phase
+                deadline = phase.deadline
+                if deadline is None or not phase.watched or phase.bounded:
+                    continue
+                late = deadline + _connectors.TIMEOUT_SLACK
+                if now >= late:
+                    overdue.append((slot, deadline))
+                else:
+                    due = min(due, late)
+        for slot, deadline in overdue:
+            phase = slot.phase
+            if phase.deadline is deadline and slot.in_flight:  # still that query
+                phase.expired = True
+                sock = socket_of(slot.conn)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # its read ends now
+                except (OSError, AttributeError):
+                    pass
+        return max(0.01, due - now)
 
     def _recover_lost(self, now: float) -> float:
         """Close and replace the connectors no one will ever return (the
