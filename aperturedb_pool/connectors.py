@@ -268,12 +268,10 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 return
             if phase.bounded and phase.deadline is not None:
                 # A session step may have run since the query started: the
-                # write too ends by the deadline.
-                try:
-                    _within(conn.conn, phase.deadline)
-                except socket.timeout as e:
-                    raise ConnectFailed(f"the retry deadline passed before the request to "
-                                        f"{where} was sent; it was not sent") from e
+                # write too ends by the deadline (a deadline already past
+                # leaves it a moment: a small frame still goes out, and the
+                # read that follows times out).
+                _within(conn.conn, phase.deadline, at_least=0.001)
             # Counted before the first byte is written (see Phase.outstanding).
             phase.outstanding += 1
             phase.sent = True
@@ -545,11 +543,11 @@ def bound_socket(sock: Any, left: float, query_timeout: float | None = None) -> 
         sock.settimeout(left)
 
 
-def _within(sock: Any, deadline: float) -> None:
-    # Before a read of a response: shorten the socket's timeout if it would
-    # let the read end later than the deadline (never lengthen it: it may be
-    # the shorter query_timeout).
-    left = deadline - _deadline_clock()
+def _within(sock: Any, deadline: float, at_least: float = 0.0) -> None:
+    # Before a read of a response (or a write): shorten the socket's timeout
+    # if it would let the read end later than the deadline (never lengthen
+    # it: it may be the shorter query_timeout).
+    left = max(deadline - _deadline_clock(), at_least)
     if left <= 0:
         raise socket.timeout("the deadline passed while reading a response")
     current = sock.gettimeout()

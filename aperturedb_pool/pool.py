@@ -941,7 +941,6 @@ class ConnectionPool:
                         slot.holder = lease
             if slot is None:
                 slot = self._wait_for_slot(lease, start, deadline, timeout)
-                slot.holder = lease
                 now = _monotonic()
             # Outside the lock: a connector the pool could know is unusable is
             # never handed out.
@@ -1131,7 +1130,12 @@ class ConnectionPool:
                 self._remove_waiter(waiter)
                 raise
         try:
-            return self._wait_queued(waiter, start, deadline, timeout)
+            slot = self._wait_queued(waiter, start, deadline, timeout)
+            # The lease becomes the holder while this frame still refers to
+            # the waiter: a waiter only its slot refers to was abandoned (see
+            # _find_lost).
+            slot.holder = lease
+            return slot
         except BaseException:
             # Interrupted (KeyboardInterrupt, a signal handler) or failed:
             # never leave a queued waiter behind, nor a connector handed to it.
