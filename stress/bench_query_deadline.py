@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         base = statistics.median(per["none"])
         for name, values in per.items():
-            ratios = [v / b for v, b in zip(values, per["none"])]
+            ratios = [v / b for v, b in zip(values, per["none"], strict=True)]
             print(f"{name:12s} median {statistics.median(values):6.1f} us CPU per query, "
                   f"{statistics.median(values) / base:.3f} x no deadline "
                   f"(paired ratios {min(ratios):.2f}-{max(ratios):.2f})")
