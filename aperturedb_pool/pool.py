@@ -1671,6 +1671,7 @@ class ConnectionPool:
                 # Far deadlines are watched by the background thread
                 # (_expire_overdue), near ones bound the socket (connectors).
                 phase.watched = True
+                phase.expired = False
                 phase.deadline = until
             reached = phase.reached if phase is not None else 0
             try:
@@ -1946,7 +1947,7 @@ class ConnectionPool:
             for slot in self._all:
                 phase = slot.phase
                 deadline = phase.deadline
-                if deadline is None or not phase.watched or phase.bounded:
+                if deadline is None or not phase.watched or phase.bound is not None:
                     continue
                 late = deadline + _connectors.TIMEOUT_SLACK
                 if now >= late:
