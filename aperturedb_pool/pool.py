@@ -321,10 +321,15 @@ class _Slot:
 
 
 class _ThreadMarks(threading.local):
-    """Per thread: when it last returned a lease of the pool.  The class
-    default spares the hot path a missing-attribute exception."""
+    """Per thread: when it last returned a lease of the pool (the class
+    default spares the hot path a missing-attribute exception), and the
+    thread's identity, made once per thread (``get_ident()`` makes a new int
+    object at every call: a lease records this one)."""
 
     released = -math.inf
+
+    def __init__(self) -> None:  # run once in each thread that uses it
+        self.ident = _get_ident()
 
 
 class _Waiter:
@@ -415,7 +420,7 @@ class Lease:
         self._slot: _Slot | None = None
         # The thread that asked: a PoolTimeout tells a caller that waits for
         # a connector while it holds others of the same pool.
-        self._thread = _get_ident()
+        self._thread = pool._tls.ident
 
     _req: float
 
