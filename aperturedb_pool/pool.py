@@ -657,6 +657,13 @@ class ConnectionPool:
 
     _counter = itertools.count(1)
 
+    # Set by aperturedb_pool.metrics when the pool is instrumented: the
+    # recorder its slow paths report to (None: nothing is recorded, and the
+    # lease paths are exactly those of a pool never instrumented), and the
+    # Lease class lease() and query() create (a timing subclass then).
+    _metrics: Any = None
+    _lease_type: type = Lease
+
     def __init__(self, template: Any = None, *, min_size: int = 1, max_size: int = 8,
                  timeout: float = 30.0, max_waiting: int | None = None,
                  max_lifetime: float | None = 3600.0, max_idle: float | None = 600.0,
@@ -892,7 +899,7 @@ class ConnectionPool:
         """
         if timeout is not None:
             _required_duration("timeout", timeout)
-        return Lease(self, timeout)
+        return self._lease_type(self, timeout)
 
     def acquire(self, timeout: float | None = None) -> Lease:
         """Lease a connector now; return the Lease (``lease.conn`` is the connector).
@@ -1149,6 +1156,8 @@ class ConnectionPool:
                 c = self._c
                 c["leases_waited"] = max(0, c["leases_waited"] - 1)
                 c["wait_time_total"] = max(0.0, c["wait_time_total"] - waiter.waited)
+                if self._metrics is not None:
+                    self._metrics.unwaited(waiter.waited)
                 self._put_back(slot)
         self._close_pending_if_closed()
 
@@ -1347,6 +1356,8 @@ class ConnectionPool:
         c["wait_time_total"] += waited
         if waited > c["wait_time_max"]:
             c["wait_time_max"] = waited
+        if self._metrics is not None:
+            self._metrics.waited(waited)
 
     def _leased_count(self) -> int:
         # Under the lock.  Slots in passage count as leased (see "Locking").
@@ -1584,6 +1595,8 @@ class ConnectionPool:
                     self._c[k] = 0.0 if isinstance(self._c[k], float) else 0
                 self._discarded = {}
                 self._granted_base = -uses
+                if self._metrics is not None:
+                    self._metrics.counters_reset(s)  # exported counters stay monotonic
         return s
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -1638,7 +1651,7 @@ class ConnectionPool:
             started = _monotonic()
             wait = self.timeout if remaining is None else max(0.0, min(self.timeout, remaining))
             # A plain Lease (its fast paths), released below on every path.
-            lease = Lease(self, wait)
+            lease = self._lease_type(self, wait)
             try:
                 conn = lease.__enter__()
             except PoolTimeout as e:
@@ -1692,12 +1705,16 @@ class ConnectionPool:
         try:
             return policy.call(one_attempt, idempotent=idempotent, describe=describe,
                                on_retry=self._on_retry)
-        except (ConnectorError, ServerUnreachable):
+        except (ConnectorError, ServerUnreachable) as e:
             self._count("give_ups")
+            if self._metrics is not None and isinstance(e, OutcomeUnknown) and not idempotent:
+                self._metrics.write_not_retried()
             raise
 
     def _on_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
         self._count("retries")
+        if self._metrics is not None:
+            self._metrics.retried(exc)
 
     # -- background work -------------------------------------------------------
     def _ensure_bg(self) -> None:
@@ -1793,6 +1810,7 @@ class ConnectionPool:
 
     def _open_one(self) -> bool:
         """Open one requested connector (background thread).  True on success."""
+        started = _monotonic()
         try:
             conn, slot = self._new_connector()
         except BaseException as e:  # noqa: B902 - reported, then retried with backoff
@@ -1823,6 +1841,8 @@ class ConnectionPool:
             self._unreachable_since = None
             self._last_open_error = None
             self._c["connectors_opened"] += 1
+            if self._metrics is not None:
+                self._metrics.created(_monotonic() - started)
             if self._closed:
                 self._to_close.append((conn, "closed"))
                 return True
