@@ -70,7 +70,7 @@ from aperturedb_pool._version import __version__
 from aperturedb_pool.pool import ConnectionPool, Lease
 from aperturedb_pool.stats import PoolStats
 
-__all__ = ["instrument", "PrometheusCollector", "BUCKETS", "POOL_NAME", "STATE"]
+__all__ = ["instrument", "PrometheusCollector", "snapshot", "BUCKETS", "POOL_NAME", "STATE"]
 
 #: OpenTelemetry attribute names (semantic conventions)
 POOL_NAME = "db.client.connection.pool.name"
@@ -290,6 +290,43 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _hist_dict(h: _Hist) -> dict[str, Any]:
+    return {"count": sum(h.counts), "sum": sum(h.sums),
+            "buckets": dict(_prom_buckets(h))}
+
+
+def snapshot(pool: ConnectionPool) -> dict[str, Any]:
+    """The exported values of ``pool`` now, as a JSON-ready dict under the
+    OpenTelemetry names (attributes as nested keys: ``count`` by state,
+    ``discarded`` by reason, ``retries`` by error class; histograms as count,
+    sum and cumulative buckets keyed by their upper bound).  Instruments the
+    pool (with histograms) if it was not: histograms start then.
+    """
+    rec = _recorder(pool, timed=True)
+    snap = rec.snapshot(pool)
+    s = snap.stats
+    return {
+        POOL_NAME: s.name,
+        "db.client.connection.count": {"idle": snap.idle, "used": snap.used},
+        "db.client.connection.idle.max": s.max_size,
+        "db.client.connection.idle.min": s.min_size,
+        "db.client.connection.max": s.max_size,
+        "db.client.connection.pending_requests": s.waiting,
+        "db.client.connection.timeouts": snap.counters["timeouts"],
+        "db.client.connection.create_time": _hist_dict(snap.create),
+        "db.client.connection.wait_time": _hist_dict(snap.wait),
+        "db.client.connection.use_time": _hist_dict(snap.use),
+        "aperturedb_pool.connection.discarded": dict(sorted(snap.discarded.items())),
+        "aperturedb_pool.generations_retired": s.generation,
+        "aperturedb_pool.retries": dict(sorted(snap.retries_by_error.items())),
+        "aperturedb_pool.writes.not_retried": snap.writes_not_retried,
+        "aperturedb_pool.cpu_bound": int(s.cpu_bound),
+        "aperturedb_pool.leases": snap.counters["leases_granted"],
+        "aperturedb_pool.connection.opened": snap.counters["connectors_opened"],
+        "aperturedb_pool.connection.refill_failures": snap.counters["refill_failures"],
+    }
 
 
 # -- OpenTelemetry ---------------------------------------------------------------
