@@ -200,9 +200,9 @@ class _Recorder:
     # -- use time (the timing lease, no lock) ----------------------------------
     def _thread_hist(self) -> _Hist:
         h = _Hist()
-        self.local.h = h
         with self.lock:
             self.use_threads.append((weakref.ref(threading.current_thread()), h))
+        self.local.h = h
         return h
 
     # -- collection -------------------------------------------------------------
@@ -251,8 +251,10 @@ class _TimedLease(Lease):
         return conn
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
-        took = _monotonic() - self._t0
+        # The return first: nothing of this class runs between the with
+        # statement's call and the plain Lease's (see "Interruptions" in pool.py).
         Lease.__exit__(self, et, ev, tb)
+        took = _monotonic() - self._t0
         rec = self._pool._metrics
         try:
             h = rec.local.h

@@ -413,3 +413,109 @@ def test_counts_add_up_at_every_collection_under_churn(adb_server: Any) -> None:
     assert o["db.client.connection.use_time"][at("churn")][0] == s.leases_granted
     assert o["db.client.connection.timeouts"] == {at("churn"): s.timeouts}
     assert adb_server.counters()["sharing_violations"] == 0
+
+
+class _Interrupt(BaseException):
+    """Raised asynchronously in a worker (a BaseException, as KeyboardInterrupt is)."""
+
+
+def test_counts_add_up_under_asynchronous_interruptions() -> None:
+    """16 threads on 4 connectors, an asynchronous exception into a random worker
+    every millisecond (leases interrupted anywhere: queries, returns, waits).  At
+    every collection both counts are >= 0 and add up to at most the pool's size;
+    once the pool has recovered, idle is the size and used is 0: nothing drifted."""
+    import ctypes
+
+    set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
+
+    class Slow(Stub):
+        def clone(self) -> "Slow":
+            return Slow()
+
+        def query(self, q: Any, blobs: Any = None) -> Any:
+            time.sleep(0.0002)
+            return STATUS, []
+
+    provider, reader = otel()
+    pool = ConnectionPool(Slow(), min_size=4, max_size=4, name="interrupted", timeout=5.0,
+                          open=False)
+    instrument(pool, provider)
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(pool))
+    stop = threading.Event()
+    bad: list[Any] = []
+    collections = [0]
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                try:
+                    while not stop.is_set():
+                        try:
+                            if random.random() < 0.7:
+                                with pool.lease() as conn:
+                                    conn.query(STATUS)
+                            else:
+                                pool.query(STATUS)
+                        except (_Interrupt, PoolTimeout):
+                            pass
+                except _Interrupt:
+                    pass
+            except _Interrupt:
+                pass
+
+    def check(used: float, idle: float, where: str) -> None:
+        if not (0 <= used and 0 <= idle and used + idle <= 4):
+            bad.append((where, used, idle))
+
+    def collect() -> None:
+        lab = 'pool_name="interrupted"'
+        used_k = at("interrupted", **{"db.client.connection.state": "used"})
+        idle_k = at("interrupted", **{"db.client.connection.state": "idle"})
+        while not stop.is_set():
+            o = read_otel(reader)["db.client.connection.count"]
+            check(o[used_k], o[idle_k], "otel")
+            p = read_prom(registry)
+            check(p[f'db_client_connection_count{{{lab},state="used"}}'],
+                  p[f'db_client_connection_count{{{lab},state="idle"}}'], "prom")
+            collections[0] += 1
+
+    with pool.open():
+        pool.wait_ready(JOIN)
+        workers = [threading.Thread(target=worker, daemon=True) for _ in range(16)]
+        collector = threading.Thread(target=collect)
+        for t in workers:
+            t.start()
+        collector.start()
+        end = time.monotonic() + 1.5
+        rnd = random.Random(7)
+        while time.monotonic() < end:
+            t = rnd.choice(workers)
+            if t.ident is not None:
+                set_async_exc(t.ident, _Interrupt)
+            time.sleep(0.001)
+        stop.set()
+        for t in workers:
+            t.join(JOIN)
+        collector.join(JOIN)
+        assert not any(t.is_alive() for t in workers)
+        # recovered (lost slots come back within about 2 s): nothing drifted
+        deadline = time.monotonic() + JOIN
+        while True:
+            s = pool.stats()
+            if s.size == 4 and s.idle == 4 and s.leased == 0:
+                break
+            assert time.monotonic() < deadline, s
+            time.sleep(0.01)
+        o = read_otel(reader)
+        p = read_prom(registry)
+    assert bad == [] and collections[0] >= 5
+    assert o["db.client.connection.count"] == {
+        at("interrupted", **{"db.client.connection.state": "idle"}): 4,
+        at("interrupted", **{"db.client.connection.state": "used"}): 0}
+    assert p['db_client_connection_count{pool_name="interrupted",state="used"}'] == 0
+    assert o["db.client.connection.pending_requests"] == {at("interrupted"): 0}
+    assert o["aperturedb_pool.leases"] == {at("interrupted"): s.leases_granted}
+    disc = sum(o.get("aperturedb_pool.connection.discarded", {}).values())
+    assert disc == sum(s.discarded.values()) > 0  # interrupted queries were discarded
