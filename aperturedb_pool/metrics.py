@@ -32,8 +32,9 @@ collections.  Histograms need one observation per event:
 * ``use_time``: nothing the pool counts gives it, so an instrumented pool
   creates a timing ``Lease`` subclass (``_TimedLease``): two clock reads and
   one bucket increment in a per-thread histogram (no lock), about 0.3-0.5 us
-  a lease (``stress/bench_lease.py --metrics``).  Leases from ``acquire()``
-  are not timed.
+  a lease (``stress/bench_lease.py``, ``ours-metrics``).  Leases from
+  ``acquire()`` are timed by ``acquire()`` and the pool's ``_release``, both
+  slow paths.
 
 The histograms are kept pre-aggregated (bucket counts and sums, boundaries
 ``BUCKETS``): the Prometheus collector exports them as they are.  The
@@ -198,6 +199,17 @@ class _Recorder:
                 self.base_discarded[k] = self.base_discarded.get(k, 0) + n
 
     # -- use time (the timing lease, no lock) ----------------------------------
+    def released(self, lease: Any, now: float) -> None:
+        # An acquire() lease, from the pool's _release (a slow path).
+        granted = getattr(lease, "_granted", None)
+        if granted is None:
+            return  # acquired before the pool was instrumented
+        try:
+            h = self.local.h
+        except AttributeError:
+            h = self._thread_hist()
+        h.add(now - granted)
+
     def _thread_hist(self) -> _Hist:
         h = _Hist()
         with self.lock:

@@ -553,7 +553,9 @@ class _ManualLease(Lease):
     found by the maintenance thread (nothing but its slot refers to it any
     more: see "Interruptions") and its connector closed, with a ResourceWarning."""
 
-    __slots__ = ()
+    # _granted: when acquire() returned it, kept only while the pool is
+    # instrumented (its use time; see aperturedb_pool.metrics).
+    __slots__ = ("_granted",)
 
 
 def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
@@ -913,6 +915,8 @@ class ConnectionPool:
         lease = _ManualLease(self, timeout)
         try:
             self._acquire(lease)
+            if self._metrics is not None:
+                lease._granted = _monotonic()
         except BaseException as e:
             # Interrupted once the connector was the lease's: nobody will
             # release it.
@@ -1385,6 +1389,8 @@ class ConnectionPool:
         lease._slot = _RELEASED
         slot.owner = None
         now = _monotonic()
+        if self._metrics is not None and isinstance(lease, _ManualLease):
+            self._metrics.released(lease, now)
         # A thread that asked for this lease right after returning its
         # previous one is in a loop: it will ask again at once, so it may
         # re-take this connector (see the module doc on fairness).  A

@@ -200,7 +200,7 @@ def test_scripted_sequence_exact_in_both_exporters() -> None:
     # leases: 3 + waiter + a + b + c + the empty with + the discarded acquire()
     # + 2 query attempts (the retried one and its retry) + 1 refused write + the last
     leases = 3 + 1 + 2 + 1 + 1 + 1 + 2 + 1 + 1
-    timed = 3 + 1 + 1 + 2 + 1 + 1  # lease() and query(), not acquire(); the timeout got none
+    timed = leases  # lease(), query() and acquire(); the timed-out lease got none
     used_count = {at("scripted", **{"db.client.connection.state": "used"}): 0,
                   at("scripted", **{"db.client.connection.state": "idle"}): 2}
     assert o["db.client.connection.count"] == used_count
