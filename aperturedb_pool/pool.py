@@ -556,6 +556,7 @@ class _ManualLease(Lease):
     # _granted: when acquire() returned it, kept only while the pool is
     # instrumented (its use time; see aperturedb_pool.metrics).
     __slots__ = ("_granted",)
+    _granted: float
 
 
 def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
