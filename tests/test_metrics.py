@@ -519,3 +519,42 @@ def test_counts_add_up_under_asynchronous_interruptions() -> None:
     assert o["aperturedb_pool.leases"] == {at("interrupted"): s.leases_granted}
     disc = sum(o.get("aperturedb_pool.connection.discarded", {}).values())
     assert disc == sum(s.discarded.values()) > 0  # interrupted queries were discarded
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_counts_its_own_leases_from_zero() -> None:
+    import json
+
+    from aperturedb_pool.metrics import snapshot
+
+    keys = ("aperturedb_pool.leases", "db.client.connection.wait_time",
+            "db.client.connection.use_time")
+    with ConnectionPool(Stub(), min_size=1, max_size=1, name="forked", timeout=JOIN) as pool:
+        snapshot(pool)  # instrumented in the parent
+        for _ in range(3):
+            with pool.lease():
+                pass
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                before = snapshot(pool)
+                with pool.lease():
+                    pass
+                after = snapshot(pool)
+                os.write(w, json.dumps([[before[k] for k in keys],
+                                        [after[k] for k in keys]]).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            before, after = json.loads(f.read())
+        _, status = os.waitpid(pid, 0)
+        assert status == 0
+        parent = snapshot(pool)
+    assert before[0] == 0 and before[1]["count"] == 0 and before[2]["count"] == 0
+    assert after[0] == 1 and after[1]["count"] == 1 and after[2]["count"] == 1
+    assert parent["aperturedb_pool.leases"] == 3
+    assert parent["db.client.connection.use_time"]["count"] == 3
