@@ -19,7 +19,10 @@ it.  Every acquisition is a ``with`` statement (see "Interruptions").
 Not guarded by the lock: ``_idle`` (below); ``_fast``, ``_overdue_at`` and
 ``_generation`` read as hints by the fast paths (written under the lock);
 ``_long_wait_wakeup`` (a hint: a race costs one wake-up more); ``_tls``
-(per thread); ``_bg_wakeup`` (``SimpleQueue``, safe from any thread).
+(per thread); ``_bg_wakeup`` (``SimpleQueue``, safe from any thread);
+``_metrics`` and ``_lease_type`` (set once, under the lock, when the pool is
+instrumented by ``aperturedb_pool.metrics``; read by slow paths and
+``lease()``; the recorder's own lock is only ever taken after the pool's).
 
 The exception is ``_idle``, the deque of idle slots.  Its single-item
 operations (``append``, ``pop``, ``popleft``, ``remove``, ``copy``, ``[0]``)
