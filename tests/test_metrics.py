@@ -558,3 +558,25 @@ def test_a_forked_child_counts_its_own_leases_from_zero() -> None:
     assert after[0] == 1 and after[1]["count"] == 1 and after[2]["count"] == 1
     assert parent["aperturedb_pool.leases"] == 3
     assert parent["db.client.connection.use_time"]["count"] == 3
+
+
+def test_instrumented_late_histograms_count_from_then_counters_from_the_start() -> None:
+    provider, reader = otel()
+    with ConnectionPool(Stub(), min_size=1, max_size=1, name="late") as pool:
+        pool.wait_ready(JOIN)
+        for _ in range(3):
+            with pool.lease():
+                pass
+        instrument(pool, provider)
+        registry = CollectorRegistry()
+        registry.register(PrometheusCollector(pool, histograms=False))
+        for _ in range(2):
+            with pool.lease():
+                pass
+        o = read_otel(reader)
+        p = read_prom(registry)
+    assert o["aperturedb_pool.leases"] == {at("late"): 5}
+    assert o["db.client.connection.wait_time"][at("late")][0] == 2
+    assert o["db.client.connection.use_time"][at("late")][0] == 2
+    assert p['aperturedb_pool_leases_total{pool_name="late"}'] == 5
+    assert not any(k.startswith("db_client_connection_wait_time") for k in p)
