@@ -31,7 +31,7 @@ collections.  Histograms need one observation per event:
   new work.
 * ``use_time``: nothing the pool counts gives it, so an instrumented pool
   creates a timing ``Lease`` subclass (``_TimedLease``): two clock reads and
-  one bucket increment in a per-thread histogram (no lock), about 0.3-0.5 us
+  one bucket increment in a per-thread histogram (no lock), about 0.5 us
   a lease (``stress/bench_lease.py``, ``ours-metrics``).  Leases from
   ``acquire()`` are timed by ``acquire()`` and the pool's ``_release``, both
   slow paths.
@@ -41,9 +41,9 @@ The histograms are kept pre-aggregated (bucket counts and sums, boundaries
 OpenTelemetry API has no way to hand over a pre-aggregated histogram, so each
 collection replays what is new into the SDK's histograms (one ``record`` per
 observation, each at its bucket's mean: counts per bucket and sums are exact,
-min and max are bucket means).  That costs the SDK's ``record`` (about 7 us in
-opentelemetry-sdk 1.45) per lease at collection time, in the exporting thread,
-never on a lease path.  ``instrument(pool, histograms=False)`` leaves the
+min and max are bucket means).  That costs the SDK's ``record`` (7-19 us in
+opentelemetry-sdk 1.45, two per lease) at collection time, in the exporting
+thread, never on a lease path (``stress/bench_metrics.py``).  ``instrument(pool, histograms=False)`` leaves the
 histograms out (and leases untimed).
 
 Exactness.  ``used + idle`` equals the pool's size at every collection by
