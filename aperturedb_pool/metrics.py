@@ -280,9 +280,17 @@ class _TimedLease(Lease):
 _recorders: "weakref.WeakSet[_Recorder]" = weakref.WeakSet()
 
 
-def _recorder(pool: ConnectionPool, timed: bool) -> _Recorder:
+def _unwrap(pool: Any) -> ConnectionPool:
+    # The drop-in aperturedb_pool.compat.ConnectionPool wraps one: its .pool.
+    if not isinstance(pool, ConnectionPool) and isinstance(getattr(pool, "pool", None),
+                                                           ConnectionPool):
+        pool = pool.pool
     if not isinstance(pool, ConnectionPool):
         raise TypeError(f"expected an aperturedb_pool.ConnectionPool, got {pool!r}")
+    return pool
+
+
+def _recorder(pool: ConnectionPool, timed: bool) -> _Recorder:
     with pool._lock:
         rec = pool._metrics
         if rec is None:
@@ -318,6 +326,7 @@ def snapshot(pool: ConnectionPool) -> dict[str, Any]:
     sum and cumulative buckets keyed by their upper bound).  Instruments the
     pool (with histograms) if it was not: histograms start then.
     """
+    pool = _unwrap(pool)
     rec = _recorder(pool, timed=True)
     snap = rec.snapshot(pool)
     s = snap.stats
@@ -515,6 +524,7 @@ def instrument(pool: ConnectionPool, meter_provider: Any = None, *,
     from opentelemetry import metrics as otel_metrics
 
     provider = otel_metrics.get_meter_provider() if meter_provider is None else meter_provider
+    pool = _unwrap(pool)
     rec = _recorder(pool, timed=histograms)
     with _otel_lock:
         entry = _otel_exports.get(id(provider))
@@ -555,6 +565,7 @@ class PrometheusCollector:
             self.add(p)
 
     def add(self, pool: ConnectionPool) -> "PrometheusCollector":
+        pool = _unwrap(pool)
         rec = _recorder(pool, timed=self._histograms)
         with self._lock:
             for ref, _r in self._pools:

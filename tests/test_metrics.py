@@ -580,3 +580,22 @@ def test_instrumented_late_histograms_count_from_then_counters_from_the_start() 
     assert o["db.client.connection.use_time"][at("late")][0] == 2
     assert p['aperturedb_pool_leases_total{pool_name="late"}'] == 5
     assert not any(k.startswith("db_client_connection_wait_time") for k in p)
+
+
+def test_the_drop_in_compat_pool_is_accepted() -> None:
+    from aperturedb_pool.compat import ConnectionPool as CompatPool
+    from aperturedb_pool.metrics import snapshot
+
+    compat = CompatPool(pool_size=1, connection_factory=Stub)
+    try:
+        registry = CollectorRegistry()
+        registry.register(PrometheusCollector(compat))
+        with compat.get_connection():
+            pass
+        assert snapshot(compat)["aperturedb_pool.leases"] == 1
+        name = compat.pool.name
+        assert read_prom(registry)[f'aperturedb_pool_leases_total{{pool_name="{name}"}}'] == 1
+        with pytest.raises(TypeError, match="ConnectionPool"):
+            PrometheusCollector(object())
+    finally:
+        compat.close()
