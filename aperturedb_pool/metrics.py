@@ -513,10 +513,12 @@ def instrument(pool: ConnectionPool, meter_provider: Any = None, *,
     """Export ``pool``'s metrics through OpenTelemetry.
 
     ``meter_provider``: an ``opentelemetry.sdk.metrics.MeterProvider`` (or any
-    provider of the API); None: the global one (``metrics.get_meter_provider()``,
-    which must be set before this call: a proxy provider set later is not
-    followed).  Instrumenting a pool twice on one provider does nothing the
-    second time; several pools on one provider share instruments, told apart by
+    provider of the API); None: the global one (``metrics.get_meter_provider()``;
+    one set later is followed through the API's proxy, but instrument every pool
+    on the same side of ``set_meter_provider()``: pools instrumented before it
+    and after it would register the same instruments twice on one provider,
+    and the SDK keeps the first).  Instrumenting a pool twice on one provider
+    does nothing the second time; several pools on one provider share instruments, told apart by
     ``db.client.connection.pool.name`` (give them distinct names).
     ``histograms=False``: no ``create_time``/``wait_time``/``use_time`` (and
     leases are not timed).
