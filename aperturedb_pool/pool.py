@@ -1660,7 +1660,8 @@ class ConnectionPool:
         def one_attempt(remaining: float | None) -> T:
             started = _monotonic()
             wait = self.timeout if remaining is None else max(0.0, min(self.timeout, remaining))
-            # A plain Lease (its fast paths), released below on every path.
+            # The pool's Lease (its fast paths; a timing subclass when
+            # instrumented), released below on every path.
             lease = self._lease_type(self, wait)
             try:
                 conn = lease.__enter__()
