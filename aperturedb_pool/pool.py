@@ -19,7 +19,10 @@ it.  Every acquisition is a ``with`` statement (see "Interruptions").
 Not guarded by the lock: ``_idle`` (below); ``_fast``, ``_overdue_at`` and
 ``_generation`` read as hints by the fast paths (written under the lock);
 ``_long_wait_wakeup`` (a hint: a race costs one wake-up more); ``_tls``
-(per thread); ``_bg_wakeup`` (``SimpleQueue``, safe from any thread).
+(per thread); ``_bg_wakeup`` (``SimpleQueue``, safe from any thread);
+``_metrics`` and ``_lease_type`` (set once, under the lock, when the pool is
+instrumented by ``aperturedb_pool.metrics``; read by slow paths and
+``lease()``; the recorder's own lock is only ever taken after the pool's).
 
 The exception is ``_idle``, the deque of idle slots.  Its single-item
 operations (``append``, ``pop``, ``popleft``, ``remove``, ``copy``, ``[0]``)
@@ -558,7 +561,10 @@ class _ManualLease(Lease):
     found by the maintenance thread (nothing but its slot refers to it any
     more: see "Interruptions") and its connector closed, with a ResourceWarning."""
 
-    __slots__ = ()
+    # _granted: when acquire() returned it, kept only while the pool is
+    # instrumented (its use time; see aperturedb_pool.metrics).
+    __slots__ = ("_granted",)
+    _granted: float
 
 
 def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
@@ -661,6 +667,13 @@ class ConnectionPool:
     """
 
     _counter = itertools.count(1)
+
+    # Set by aperturedb_pool.metrics when the pool is instrumented: the
+    # recorder its slow paths report to (None: nothing is recorded, and the
+    # lease paths are exactly those of a pool never instrumented), and the
+    # Lease class lease() and query() create (a timing subclass then).
+    _metrics: Any = None
+    _lease_type: type = Lease
 
     def __init__(self, template: Any = None, *, min_size: int = 1, max_size: int = 8,
                  timeout: float = 30.0, max_waiting: int | None = None,
@@ -897,7 +910,7 @@ class ConnectionPool:
         """
         if timeout is not None:
             _required_duration("timeout", timeout)
-        return Lease(self, timeout)
+        return self._lease_type(self, timeout)
 
     def acquire(self, timeout: float | None = None) -> Lease:
         """Lease a connector now; return the Lease (``lease.conn`` is the connector).
@@ -911,6 +924,8 @@ class ConnectionPool:
         lease = _ManualLease(self, timeout)
         try:
             self._acquire(lease)
+            if self._metrics is not None:
+                lease._granted = _monotonic()
         except BaseException as e:
             # Interrupted once the connector was the lease's: nobody will
             # release it.
@@ -1158,6 +1173,8 @@ class ConnectionPool:
                 c = self._c
                 c["leases_waited"] = max(0, c["leases_waited"] - 1)
                 c["wait_time_total"] = max(0.0, c["wait_time_total"] - waiter.waited)
+                if self._metrics is not None:
+                    self._metrics.unwaited(waiter.waited)
                 self._put_back(slot)
         self._close_pending_if_closed()
 
@@ -1356,6 +1373,8 @@ class ConnectionPool:
         c["wait_time_total"] += waited
         if waited > c["wait_time_max"]:
             c["wait_time_max"] = waited
+        if self._metrics is not None:
+            self._metrics.waited(waited)
 
     def _leased_count(self) -> int:
         # Under the lock.  Slots in passage count as leased (see "Locking").
@@ -1383,6 +1402,8 @@ class ConnectionPool:
         lease._slot = _RELEASED
         slot.owner = None
         now = _monotonic()
+        if self._metrics is not None and isinstance(lease, _ManualLease):
+            self._metrics.released(lease, now)
         # A thread that asked for this lease right after returning its
         # previous one is in a loop: it will ask again at once, so it may
         # re-take this connector (see the module doc on fairness).  A
@@ -1593,6 +1614,8 @@ class ConnectionPool:
                     self._c[k] = 0.0 if isinstance(self._c[k], float) else 0
                 self._discarded = {}
                 self._granted_base = -uses
+                if self._metrics is not None:
+                    self._metrics.counters_reset(s)  # exported counters stay monotonic
         return s
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -1646,8 +1669,9 @@ class ConnectionPool:
         def one_attempt(remaining: float | None) -> T:
             started = _monotonic()
             wait = self.timeout if remaining is None else max(0.0, min(self.timeout, remaining))
-            # A plain Lease (its fast paths), released below on every path.
-            lease = Lease(self, wait)
+            # The pool's Lease (its fast paths; a timing subclass when
+            # instrumented), released below on every path.
+            lease = self._lease_type(self, wait)
             try:
                 conn = lease.__enter__()
             except PoolTimeout as e:
@@ -1707,12 +1731,16 @@ class ConnectionPool:
         try:
             return policy.call(one_attempt, idempotent=idempotent, describe=describe,
                                on_retry=self._on_retry)
-        except (ConnectorError, ServerUnreachable):
+        except (ConnectorError, ServerUnreachable) as e:
             self._count("give_ups")
+            if self._metrics is not None and isinstance(e, OutcomeUnknown) and not idempotent:
+                self._metrics.write_not_retried()
             raise
 
     def _on_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
         self._count("retries")
+        if self._metrics is not None:
+            self._metrics.retried(exc)
 
     # -- background work -------------------------------------------------------
     def _ensure_bg(self) -> None:
@@ -1809,6 +1837,7 @@ class ConnectionPool:
 
     def _open_one(self) -> bool:
         """Open one requested connector (background thread).  True on success."""
+        started = _monotonic()
         try:
             conn, slot = self._new_connector()
         except BaseException as e:  # noqa: B902 - reported, then retried with backoff
@@ -1839,6 +1868,8 @@ class ConnectionPool:
             self._unreachable_since = None
             self._last_open_error = None
             self._c["connectors_opened"] += 1
+            if self._metrics is not None:
+                self._metrics.created(_monotonic() - started)
             if self._closed:
                 self._to_close.append((conn, "closed"))
                 return True
