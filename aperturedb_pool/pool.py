@@ -324,15 +324,10 @@ class _Slot:
 
 
 class _ThreadMarks(threading.local):
-    """Per thread: when it last returned a lease of the pool (the class
-    default spares the hot path a missing-attribute exception), and the
-    thread's identity, made once per thread (``get_ident()`` makes a new int
-    object at every call: a lease records this one)."""
+    """Per thread: when it last returned a lease of the pool.  The class
+    default spares the hot path a missing-attribute exception."""
 
     released = -math.inf
-
-    def __init__(self) -> None:  # run once in each thread that uses it
-        self.ident = _get_ident()
 
 
 class _Waiter:
@@ -423,7 +418,7 @@ class Lease:
         self._slot: _Slot | None = None
         # The thread that asked: a PoolTimeout tells a caller that waits for
         # a connector while it holds others of the same pool.
-        self._thread = pool._tls.ident
+        self._thread = _get_ident()
 
     _req: float
 
@@ -668,12 +663,8 @@ class ConnectionPool:
 
     _counter = itertools.count(1)
 
-    # Set by aperturedb_pool.metrics when the pool is instrumented: the
-    # recorder its slow paths report to (None: nothing is recorded, and the
-    # lease paths are exactly those of a pool never instrumented), and the
-    # Lease class lease() and query() create (a timing subclass then).
-    _metrics: Any = None
-    _lease_type: type = Lease
+    _metrics: Any
+    _lease_type: type
 
     def __init__(self, template: Any = None, *, min_size: int = 1, max_size: int = 8,
                  timeout: float = 30.0, max_waiting: int | None = None,
@@ -782,6 +773,12 @@ class ConnectionPool:
         self._fast = self._plain
         self.name = name if name is not None else f"pool-{next(self._counter)}"
 
+        # Set by aperturedb_pool.metrics when the pool is instrumented: the
+        # recorder its slow paths report to (None: nothing is recorded, and
+        # the lease paths are exactly those of a pool never instrumented), and
+        # the Lease class lease() and query() create (a timing subclass then).
+        self._metrics = None
+        self._lease_type = Lease
         self._lock = threading.Lock()
         self._init_state()
         self._bg_wakeup = _Wakeup()
@@ -910,7 +907,11 @@ class ConnectionPool:
         """
         if timeout is not None:
             _required_duration("timeout", timeout)
-        return self._lease_type(self, timeout)
+        # Read, then called: ``self._lease_type(...)`` would be a method-call
+        # lookup that CPython 3.11 cannot specialize for a class held in an
+        # attribute (about 25 ns per lease).
+        make = self._lease_type
+        return make(self, timeout)
 
     def acquire(self, timeout: float | None = None) -> Lease:
         """Lease a connector now; return the Lease (``lease.conn`` is the connector).
@@ -1671,7 +1672,8 @@ class ConnectionPool:
             wait = self.timeout if remaining is None else max(0.0, min(self.timeout, remaining))
             # The pool's Lease (its fast paths; a timing subclass when
             # instrumented), released below on every path.
-            lease = self._lease_type(self, wait)
+            make = self._lease_type  # (see lease())
+            lease = make(self, wait)
             try:
                 conn = lease.__enter__()
             except PoolTimeout as e:
