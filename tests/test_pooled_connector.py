@@ -1,0 +1,306 @@
+"""PooledConnector (issue 15): the SDK's own helpers run through the pool.
+
+Every test drives the real SDK 0.5.3 helpers (ParallelLoader, ParallelQuery,
+Utils, CommonLibrary.execute_query) against the embedded server.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("ADB_LOG_FILE", "")
+
+from aperturedb.CommonLibrary import execute_query  # noqa: E402
+from aperturedb.ParallelLoader import ParallelLoader  # noqa: E402
+from aperturedb.ParallelQuery import ParallelQuery  # noqa: E402
+from aperturedb.Utils import Utils  # noqa: E402
+
+from aperturedb_pool import ConnectionPool, OutcomeUnknown, PooledConnector  # noqa: E402
+from aperturedb_pool.testing.server import EmbeddedServer  # noqa: E402
+
+
+def _adds(n: int, cls: str = "Person", blob_size: int = 1024,
+          start: int = 0) -> list[tuple[list[dict[str, Any]], list[bytes]]]:
+    # One (commands, blobs) per entity: an AddEntity with a unique key and a
+    # connected 1 KiB blob.
+    return [([{"AddEntity": {"class": cls, "properties": {"key": i}, "_ref": 1}},
+              {"AddBlob": {"properties": {"key": i}, "connect": {"ref": 1}}}],
+             [os.urandom(blob_size)]) for i in range(start, start + n)]
+
+
+def _keys(server: EmbeddedServer, cls: str = "Person") -> collections.Counter:
+    return collections.Counter(o["properties"]["key"] for o in server.dump()
+                               if o["class"] == cls)
+
+
+@pytest.fixture
+def pool(adb_connector: Any) -> Any:
+    p = ConnectionPool(adb_connector, min_size=1, max_size=4, name="shared-test")
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_parallel_loader_16_threads_through_4_connectors(adb_server: Any, pool: Any) -> None:
+    db = pool.connector()
+    assert isinstance(db, PooledConnector)
+    adb_server.reset_counters()
+    loader = ParallelLoader(db)
+    loader.ingest(_adds(10_000), batchsize=100, numthreads=16)
+    assert loader.error_counter == 0
+    assert loader.get_succeeded_queries() == 10_000
+    keys = _keys(adb_server)
+    assert len(keys) == 10_000 and set(keys.values()) == {1}  # every entity exactly once
+    blobs = [o for o in adb_server.dump() if o["class"] == "_Blob"]
+    assert len(blobs) == 10_000 and all(o["blob_size"] == 1024 for o in blobs)
+    c = adb_server.counters()
+    assert c["sharing_violations"] == 0
+    assert c["accepted"] <= pool.max_size  # the pool's connections, none more
+    assert pool.stats().size <= pool.max_size
+
+
+def test_parallel_query_more_threads_than_the_server_accepts() -> None:
+    # The SDK's issue #212: helper threads beyond the server's client limit.
+    # Through the pool they wait their turn in the pool, never at the server.
+    server = EmbeddedServer(max_clients=6).start()
+    try:
+        template = server.connector(retry_interval_seconds=0.05)
+        with ConnectionPool(template, max_size=4) as pool:
+            db = pool.connector()
+            Utils(db).execute([{"AddEntity": {"class": "Person", "properties": {"key": 1}}}])
+            peak = [0]
+            done = threading.Event()
+
+            def watch() -> None:
+                while not done.is_set():
+                    peak[0] = max(peak[0], server.counters()["open"])
+                    time.sleep(0.005)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            reads = [([{"FindEntity": {"with_class": "Person", "constraints": {"key": ["==", 1]},
+                                       "results": {"list": ["key"]}}}], [])
+                     for _ in range(1_600)]
+            pq = ParallelQuery(db)
+            try:
+                pq.query(reads, batchsize=10, numthreads=16)
+            finally:
+                done.set()
+                watcher.join()
+            assert pq.error_counter == 0
+            assert pq.get_succeeded_queries() == 1_600
+            c = server.counters()
+            assert c["waiting"] == 0 and c["sharing_violations"] == 0
+            # The template is never used; only the pool's connectors connect.
+            assert c["accepted"] <= 4 and peak[0] <= 4
+    finally:
+        server.stop()
+
+
+def test_utils_and_execute_query(adb_server: Any, pool: Any) -> None:
+    db = pool.connector()
+    ParallelLoader(db).ingest(_adds(250, blob_size=16), batchsize=50, numthreads=8)
+    utils = Utils(db)
+    assert utils.count_entities("Person") == 250
+    assert utils.count_entities("Person", constraints={"key": ["<", 10]}) == 10
+    schema = utils.get_schema()
+    assert "Person" in schema["entities"]["classes"]
+    assert utils.create_entity_index("Person", "key")
+    assert utils.summary() is None  # prints; reads schema and host through db
+    result, response, blobs = execute_query(
+        db, [{"FindEntity": {"with_class": "Person", "constraints": {"key": ["==", 7]},
+                             "results": {"list": ["key"]}}}], [])
+    assert result == 0 and blobs == []
+    assert response[0]["FindEntity"]["entities"] == [{"key": 7}]
+    # A failed transaction is an answer: result 1, last_query_ok() False.
+    result, response, _ = execute_query(db, [{"FindEntity": {"with_class": "Person",
+                                                             "constraints": "bad"}}], [])
+    assert result == 1 and not db.last_query_ok()
+    assert adb_server.counters()["sharing_violations"] == 0
+
+
+def test_last_response_is_per_thread(adb_server: Any, pool: Any) -> None:
+    db = pool.connector()
+    db.query([{"AddEntity": {"class": "Person", "properties": {"key": i}}} for i in range(32)])
+    errors: list[str] = []
+    start = threading.Barrier(32)
+
+    def worker(i: int) -> None:
+        start.wait()
+        for n in range(25):
+            bad = (i + n) % 3 == 0  # a failed transaction in some threads, some rounds
+            q = [{"FindEntity": {"with_class": "Person",
+                                 "constraints": "bad" if bad else {"key": ["==", i]},
+                                 "results": {"list": ["key"]}}}]
+            db.query(q)
+            time.sleep(0)  # let other threads' queries land in between
+            if db.last_query_ok() == bad:
+                errors.append(f"thread {i} round {n}: last_query_ok {not bad}")
+            if not bad:
+                seen = json.loads(db.get_last_response_str())[0]["FindEntity"]["entities"]
+                if seen != [{"key": i}] or db.get_response()[0]["FindEntity"]["entities"] != seen:
+                    errors.append(f"thread {i} round {n}: saw {seen}")
+            if not db.get_last_query_time() > 0:
+                errors.append(f"thread {i}: query time {db.get_last_query_time()}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    # This thread still sees its own last query (the AddEntity), not the others'.
+    assert db.get_response()[0] == {"AddEntity": {"status": 0}} and db.last_query_ok()
+    # A thread that never queried through this object sees a fresh connector's state.
+    fresh: list[Any] = []
+    t = threading.Thread(target=lambda: fresh.extend(
+        [db.get_response(), db.last_query_ok(), db.get_last_query_time()]))
+    t.start()
+    t.join()
+    assert fresh == [None, False, 0.0]
+    assert adb_server.counters()["sharing_violations"] == 0
+
+
+def test_clone_opens_no_socket_and_close_closes_nothing(adb_server: Any,
+                                                        adb_connector: Any) -> None:
+    with ConnectionPool(adb_connector, min_size=2, max_size=2) as pool:
+        pool.wait_ready()
+        db = pool.connector()
+        db.query([{"GetStatus": {}}])
+        accepted = adb_server.counters()["accepted"]
+        opened = pool.stats().connectors_opened
+        clones = [db.clone() for _ in range(20)]
+        with _no_warning():
+            clones.append(db.create_new_connection())
+        for c in clones:
+            assert isinstance(c, PooledConnector) and c.pool is pool
+            # The attributes the helpers read are the template's.
+            assert (c.host, c.port, c.use_ssl) == (adb_connector.host, adb_connector.port,
+                                                  adb_connector.use_ssl)
+            assert c.config is adb_connector.config
+            assert c.shared_data is adb_connector.shared_data
+            assert c.connected and c.authenticated
+            c.close()
+        assert adb_server.counters()["accepted"] == accepted
+        assert pool.stats().connectors_opened == opened
+        # Closing every clone closed nothing shared: the same connectors serve.
+        response, _ = clones[0].query([{"GetStatus": {}}])
+        assert response[0]["GetStatus"]["status"] == 0
+        assert adb_server.counters()["accepted"] == accepted
+        assert not pool.closed
+    assert not db.connected
+
+
+class _no_warning:
+    # create_new_connection() on a PooledConnector is not deprecated noise.
+    def __enter__(self) -> None:
+        import warnings
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+
+def test_write_with_unknown_outcome_is_not_resent(adb_server: Any, pool: Any) -> None:
+    db = pool.connector()
+    db.query([{"GetStatus": {}}])
+    adb_server.reset_counters()
+    # The server runs the write, then drops the connection without answering.
+    adb_server.close_after_next_request(execute=True, command="AddEntity")
+    with pytest.raises(OutcomeUnknown):
+        db.query([{"AddEntity": {"class": "Person", "properties": {"key": 1}}}])
+    assert not db.last_query_ok() and db.get_response() is None
+    assert adb_server.counters()["requests_by_command"]["AddEntity"] == 1
+    assert _keys(adb_server) == {1: 1}
+    # A read under the same fault is retried and answered.
+    adb_server.close_after_next_request(execute=True, command="FindEntity")
+    response, _ = db.query([{"FindEntity": {"with_class": "Person",
+                                            "results": {"count": True}}}])
+    assert response[0]["FindEntity"]["count"] == 1 and db.last_query_ok()
+    assert adb_server.counters()["requests_by_command"]["FindEntity"] == 2
+    # idempotent=True declares a write safe to re-send (the caller's promise).
+    adb_server.close_after_next_request(execute=False, command="UpdateEntity")
+    db.query([{"UpdateEntity": {"with_class": "Person", "properties": {"v": 2}}}],
+             idempotent=True)
+    assert db.last_query_ok()
+
+
+def test_loader_write_with_unknown_outcome_is_counted_not_resent(adb_server: Any,
+                                                                 pool: Any) -> None:
+    db = pool.connector()
+    loader = ParallelLoader(db)
+    adb_server.reset_counters()
+    adb_server.close_after_next_request(execute=True, command="AddEntity")
+    loader.ingest(_adds(1_000, blob_size=16), batchsize=50, numthreads=8)
+    # The batch whose answer was lost is a failed batch for the loader, but it
+    # ran once, and was never sent again.
+    assert loader.error_counter == 1
+    assert loader.get_succeeded_queries() == 950
+    keys = _keys(adb_server)
+    assert len(keys) == 1_000 and set(keys.values()) == {1}
+    assert adb_server.counters()["requests_by_command"]["AddEntity"] == 1_000  # none re-sent
+
+
+def _restart_during(server: EmbeddedServer, run: Any, *, after: int) -> int:
+    # Restart the server (every connection dropped, sessions forgotten) each
+    # time `after` more requests arrived, while `run` runs; the restarts done.
+    restarts = [0]
+    done = threading.Event()
+
+    def restarter() -> None:
+        mark = after
+        while not done.is_set():
+            if server.counters()["requests"] >= mark:
+                server.restart()
+                restarts[0] += 1
+                mark += after
+            time.sleep(0.002)
+
+    t = threading.Thread(target=restarter)
+    t.start()
+    try:
+        run()
+    finally:
+        done.set()
+        t.join()
+    return restarts[0]
+
+
+def test_server_restarts_during_ingest(adb_server: Any, adb_connector: Any) -> None:
+    with ConnectionPool(adb_connector, max_size=4) as pool:
+        db = pool.connector()
+        ParallelLoader(db).ingest(_adds(100, blob_size=16), batchsize=10, numthreads=4)
+        adb_server.set_latency(0.001)
+        adb_server.reset_counters()
+
+        # Reads: every batch answered, whatever restarts.
+        reads = [([{"FindEntity": {"with_class": "Person", "constraints": {"key": ["==", i % 100]},
+                                   "results": {"list": ["key"]}}}], []) for i in range(2_000)]
+        pq = ParallelQuery(db)
+        restarts = _restart_during(adb_server, lambda: pq.query(reads, batchsize=10,
+                                                                  numthreads=16), after=60)
+        assert restarts >= 2
+        assert pq.error_counter == 0 and pq.get_succeeded_queries() == 2_000
+
+        # Writes: none stored twice; every acknowledged one stored.
+        adb_server.reset_counters()
+        loader = ParallelLoader(db)
+        restarts = _restart_during(
+            adb_server, lambda: loader.ingest(_adds(2_000, cls="Item", blob_size=16),
+                                              batchsize=20, numthreads=16), after=30)
+        assert restarts >= 2
+        keys = _keys(adb_server, "Item")
+        assert set(keys.values()) <= {1}
+        acknowledged = loader.get_succeeded_queries()
+        assert acknowledged <= len(keys) <= acknowledged + 20 * loader.error_counter
+        assert adb_server.counters()["sharing_violations"] == 0
