@@ -105,6 +105,54 @@ def test_parallel_query_more_threads_than_the_server_accepts() -> None:
         server.stop()
 
 
+class _IndexedAdds(list):
+    # A generator that asks ParallelLoader for an index (query_setup): the
+    # loader then keeps a connected Utils clone for the whole run.
+    def get_indices(self) -> dict[str, Any]:
+        return {"entity": {"Person": ["key"]}}
+
+
+def test_sdk_alone_freezes_where_the_pool_completes() -> None:
+    # The SDK's issue #212, side by side.  A server with 6 client slots, 4 of
+    # them held by a warm pool.  The SDK's own ParallelLoader keeps two
+    # connections for the whole run (the caller's connector after GetSchema,
+    # the Utils clone that made the index): the slots are full, and its 16
+    # workers wait at the server for ever.  Through the pool the same ingest
+    # needs no connection beyond the pool's 4 and completes meanwhile.
+    server = EmbeddedServer(max_clients=6).start()
+    sdk_thread = None
+    try:
+        template = server.connector(retry_interval_seconds=0.05)
+        with ConnectionPool(template, min_size=4, max_size=4) as pool:
+            pool.wait_ready()
+            sdk = server.connector(retry_interval_seconds=0.05)
+            sdk_loader = ParallelLoader(sdk)
+            sdk_thread = threading.Thread(
+                target=sdk_loader.ingest, args=(_IndexedAdds(_adds(160, blob_size=16)),),
+                kwargs=dict(batchsize=10, numthreads=16), daemon=True)
+            sdk_thread.start()
+            deadline = time.monotonic() + 10
+            while server.counters()["waiting"] < 16 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.counters()["waiting"] == 16  # every SDK worker stuck
+
+            loader = ParallelLoader(pool.connector())
+            loader.ingest(_IndexedAdds(_adds(160, cls="Person", blob_size=16, start=1_000)),
+                          batchsize=10, numthreads=16)
+            assert loader.error_counter == 0 and loader.get_succeeded_queries() == 160
+            assert sdk_thread.is_alive() and server.counters()["waiting"] == 16
+            assert pool.stats().connectors_opened == 4  # the pool needed no more
+
+            server.set_max_clients(None)  # release the SDK's workers
+            sdk_thread.join(30)
+            assert not sdk_thread.is_alive() and sdk_loader.error_counter == 0
+            sdk.close()
+    finally:
+        server.stop()
+        if sdk_thread is not None:
+            sdk_thread.join(5)
+
+
 def test_utils_and_execute_query(adb_server: Any, pool: Any) -> None:
     db = pool.connector()
     ParallelLoader(db).ingest(_adds(250, blob_size=16), batchsize=50, numthreads=8)
