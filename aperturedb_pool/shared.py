@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from aperturedb_pool.pool import ConnectionPool
 
 _monotonic = time.monotonic
+_wall = time.time
 
 # What the SDK's helpers (and users' code written for a Connector) read from a
 # connector; copied from the pool's template, or from one of its connectors
@@ -71,12 +72,11 @@ _STATUS_NOT_FOUND = -2
 
 
 class _LastQuery(threading.local):
-    # Class attributes are each thread's defaults (what a fresh SDK Connector has).
-    response: Any = None
-    blobs: Any = None
-    last_response: Any = ""
-    last_query_time: float = 0.0
-    last_query_timestamp: Any = None
+    # One tuple per thread, replaced whole (one attribute write per query):
+    # (response, blobs, last_response, seconds, time.time() of the answer).
+    # The class attribute is each thread's default, what a fresh SDK
+    # Connector has.
+    state: tuple[Any, Any, Any, float, float | None] = (None, None, "", 0.0, None)
 
 
 class PooledConnector:
@@ -115,27 +115,20 @@ class PooledConnector:
         ``retry`` as on ``ConnectionPool.query``.  A failed transaction is an
         answer, returned as the SDK returns it (see ``last_query_ok()``).
         """
-        last = self._last
         started = _monotonic()
         try:
             result = self.pool.query(q, [] if blobs is None else blobs,
                                      idempotent=idempotent, timeout=timeout, retry=retry)
         except BaseException:
-            last.response = None
-            last.blobs = None
-            last.last_response = None
-            last.last_query_time = _monotonic() - started
+            self._last.state = (None, None, None, _monotonic() - started, None)
             raise
-        last.last_query_time = _monotonic() - started
         response, rblobs = result
-        last.response = last.last_response = response
-        last.blobs = rblobs
-        last.last_query_timestamp = datetime.now()
+        self._last.state = (response, rblobs, response, _monotonic() - started, _wall())
         return result
 
     def last_query_ok(self) -> bool:
         """Whether this thread's last query through this object succeeded (every status >= 0)."""
-        return self.check_status(self._last.response) >= 0
+        return self.check_status(self._last.state[0]) >= 0
 
     def check_status(self, json_res: Any) -> int:
         """The first negative status in ``json_res``, or the first status if none is
@@ -160,35 +153,38 @@ class PooledConnector:
 
     def get_response(self) -> Any:
         """This thread's last response through this object (None after a query raised)."""
-        return self._last.response
+        return self._last.state[0]
 
     def get_blobs(self) -> Any:
         """The blobs of this thread's last response through this object."""
-        return self._last.blobs
+        return self._last.state[1]
 
     @property
     def response(self) -> Any:
-        return self._last.response
+        return self._last.state[0]
 
     @property
     def blobs(self) -> Any:
-        return self._last.blobs
+        return self._last.state[1]
 
     @property
     def last_response(self) -> Any:
-        return self._last.last_response
+        return self._last.state[2]
 
     @property
     def last_query_time(self) -> float:
-        return self._last.last_query_time
+        return self._last.state[3]
 
     @property
-    def last_query_timestamp(self) -> Any:
-        return self._last.last_query_timestamp
+    def last_query_timestamp(self) -> datetime | None:
+        # A datetime only when asked for: datetime.now() per query costs more
+        # than the rest of this object's bookkeeping.
+        finished = self._last.state[4]
+        return None if finished is None else datetime.fromtimestamp(finished)
 
     def get_last_response_str(self) -> str:
         """This thread's last response as indented JSON, tokens censored (as the SDK)."""
-        return json.dumps(_censored(self._last.last_response), indent=4, sort_keys=False)
+        return json.dumps(_censored(self._last.state[2]), indent=4, sort_keys=False)
 
     def print_last_response(self) -> None:
         print(self.get_last_response_str())
@@ -196,7 +192,7 @@ class PooledConnector:
     def get_last_query_time(self) -> float:
         """Seconds this thread's last query through this object took, from the call
         to the answer: the wait for a connector and any retries included."""
-        return self._last.last_query_time
+        return self._last.state[3]
 
     def clone(self) -> "PooledConnector":
         """Another PooledConnector of the same pool (no socket is opened)."""
