@@ -352,3 +352,76 @@ def test_server_restarts_during_ingest(adb_server: Any, adb_connector: Any) -> N
         acknowledged = loader.get_succeeded_queries()
         assert acknowledged <= len(keys) <= acknowledged + 20 * loader.error_counter
         assert adb_server.counters()["sharing_violations"] == 0
+
+
+def test_pool_from_a_connector_factory(adb_server: Any) -> None:
+    # No template: the attributes come from one of the pool's own connectors.
+    with ConnectionPool(connector_factory=lambda: adb_server.connector(), max_size=2) as pool:
+        db = pool.connector()
+        assert (db.host, db.port, db.use_ssl) == ("127.0.0.1", adb_server.port, False)
+        assert db.config is not None and db.shared_data is not None
+        db.connect()
+        assert Utils(db).count_entities("Person") == 0
+
+
+def test_closed_pool(adb_connector: Any) -> None:
+    from aperturedb_pool import PoolClosed
+
+    pool = ConnectionPool(adb_connector, max_size=1)
+    db = pool.connector()
+    db.query([{"GetStatus": {}}])
+    db.close()  # nothing shared closes
+    assert db.connected and not pool.closed
+    pool.close()
+    assert not db.connected
+    with pytest.raises(PoolClosed):
+        db.query([{"GetStatus": {}}])
+    assert db.get_response() is None and not db.last_query_ok()
+
+
+def test_last_response_str_censors_tokens(adb_server: Any, pool: Any) -> None:
+    db = pool.connector()
+    db.query([{"Authenticate": {"username": "admin", "password": "admin"}}])
+    response = db.get_response()
+    token = response[0]["Authenticate"]["session_token"]
+    text = db.get_last_response_str()
+    assert token not in text and "..." in text
+    assert db.get_response()[0]["Authenticate"]["session_token"] == token  # not rewritten
+    assert db.last_query_timestamp is not None
+
+
+def test_an_interrupted_query_leaves_no_stale_answer(adb_server: Any, pool: Any) -> None:
+    # A signal handler's exception (a soft time limit) while the query waits
+    # for its answer: the thread's answer is cleared, the connector that is
+    # owed the late answer is discarded, and the next query reads its own.
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    db = pool.connector()
+    db.query([{"AddEntity": {"class": "Person", "properties": {"key": k}}} for k in range(5)])
+    assert db.last_query_ok()
+    find = [{"FindEntity": {"with_class": "Person", "constraints": {"key": ["==", 2]},
+                            "results": {"list": ["key"]}}}]
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        adb_server.set_latency(0.3)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Interrupted):
+            db.query(find)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    adb_server.set_latency(0)
+    assert db.get_response() is None and not db.last_query_ok()
+    assert pool.stats().discarded == {"interrupted": 1}
+    for k in (3, 1, 4):
+        response, _ = db.query([{"FindEntity": {"with_class": "Person",
+                                                "constraints": {"key": ["==", k]},
+                                                "results": {"list": ["key"]}}}])
+        assert response[0]["FindEntity"]["entities"] == [{"key": k}]
+    assert adb_server.counters()["sharing_violations"] == 0
