@@ -425,3 +425,12 @@ def test_an_interrupted_query_leaves_no_stale_answer(adb_server: Any, pool: Any)
                                                 "results": {"list": ["key"]}}}])
         assert response[0]["FindEntity"]["entities"] == [{"key": k}]
     assert adb_server.counters()["sharing_violations"] == 0
+
+
+def test_utils_user_log_message(adb_server: Any, pool: Any) -> None:
+    # UserLogMessage: added to the embedded server for Utils.user_log_message().
+    utils = Utils(pool.connector())
+    utils.user_log_message("ingest started", level="WARNING")
+    assert adb_server.counters()["requests_by_command"]["UserLogMessage"] == 1
+    response, _ = pool.query([{"UserLogMessage": {"text": "x", "type": "DEBUG"}}])
+    assert response["status"] == -1 and "'type'" in response["info"]
