@@ -71,6 +71,10 @@ _SENSITIVE_KEYS = frozenset({"refresh_token", "session_token", "token", "access_
 _STATUS_NOT_FOUND = -2
 
 
+# A thread's state while its query runs, and after one that raised.
+_NO_ANSWER: tuple[Any, Any, Any, float, float | None] = (None, None, None, 0.0, None)
+
+
 class _LastQuery(threading.local):
     # One tuple per thread, replaced whole (one attribute write per query):
     # (response, blobs, last_response, seconds, time.time() of the answer).
@@ -115,15 +119,19 @@ class PooledConnector:
         ``retry`` as on ``ConnectionPool.query``.  A failed transaction is an
         answer, returned as the SDK returns it (see ``last_query_ok()``).
         """
+        last = self._last
+        # Cleared first: an exception landing anywhere below (a signal
+        # handler's, between two statements) leaves no earlier answer behind.
+        last.state = _NO_ANSWER
         started = _monotonic()
         try:
             result = self.pool.query(q, [] if blobs is None else blobs,
                                      idempotent=idempotent, timeout=timeout, retry=retry)
         except BaseException:
-            self._last.state = (None, None, None, _monotonic() - started, None)
+            last.state = (None, None, None, _monotonic() - started, None)
             raise
         response, rblobs = result
-        self._last.state = (response, rblobs, response, _monotonic() - started, _wall())
+        last.state = (response, rblobs, response, _monotonic() - started, _wall())
         return result
 
     def last_query_ok(self) -> bool:
