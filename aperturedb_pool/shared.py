@@ -105,7 +105,7 @@ class PooledConnector:
         self.use_keepalive = getattr(_source, "use_keepalive", None)
         self.token = getattr(_source, "token", None)
         self.should_authenticate = getattr(_source, "should_authenticate", True)
-        # The SDK's Connector has these; a PooledConnector owns no socket.
+        # The SDK's Connector keeps its socket here; a PooledConnector owns none.
         self.conn = None
 
     # -- what the SDK's Connector offers ----------------------------------------
