@@ -434,3 +434,57 @@ def test_utils_user_log_message(adb_server: Any, pool: Any) -> None:
     assert adb_server.counters()["requests_by_command"]["UserLogMessage"] == 1
     response, _ = pool.query([{"UserLogMessage": {"text": "x", "type": "DEBUG"}}])
     assert response["status"] == -1 and "'type'" in response["info"]
+
+
+# -- the SDK's rules, re-implemented here, held to the SDK's answers -------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 4) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["status", "FindEntity", "info", "token", "session_token",
+                         "refresh_token", "access_token", "Token", "x"]),
+        inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json)
+def test_check_status_is_the_sdks(response: Any) -> None:
+    import copy
+
+    from aperturedb.Connector import Connector
+
+    sdk = Connector.__new__(Connector)  # check_status reads no attribute
+    ours = PooledConnector.__new__(PooledConnector)
+    try:
+        expected = sdk.check_status(copy.deepcopy(response))
+    except Exception as e:  # e.g. a non-numeric status the SDK compares with 0
+        expected = type(e)
+    try:
+        got = ours.check_status(response)
+    except Exception as e:
+        got = type(e)
+    if isinstance(expected, int) and not isinstance(expected, bool):
+        assert got == expected
+    else:
+        # A status that is not an int (None, a string, a bool): the SDK returns
+        # it or fails comparing it; ours reports "no status" (-2), not OK.
+        assert got == -2 or got == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json)
+def test_censoring_is_the_sdks_without_rewriting(response: Any) -> None:
+    import copy
+
+    from aperturedb.LoggingUtils import censor_tokens
+
+    from aperturedb_pool.shared import _censored
+
+    before = copy.deepcopy(response)
+    expected = censor_tokens(copy.deepcopy(response))
+    assert _censored(response) == expected
+    assert response == before
