@@ -488,3 +488,39 @@ def test_censoring_is_the_sdks_without_rewriting(response: Any) -> None:
     expected = censor_tokens(copy.deepcopy(response))
     assert _censored(response) == expected
     assert response == before
+
+
+def _child_runs_helpers(db: PooledConnector, q: Any) -> None:
+    try:
+        loader = ParallelLoader(db)
+        loader.ingest(_adds(200, cls="Forked", blob_size=16), batchsize=20, numthreads=8)
+        q.put(("ok", loader.error_counter, Utils(db).count_entities("Forked"),
+               # the child's own session object (the parent's lock may be held)
+               db.shared_data is not None and db.shared_data is not db._source.shared_data,
+               db.pool.stats().connectors_opened))
+    except BaseException as e:  # noqa: B036 - reported to the parent
+        q.put(("error", repr(e)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_runs_the_helpers_on_its_own_connectors(adb_server: Any,
+                                                               pool: Any) -> None:
+    import multiprocessing
+
+    db = pool.connector()
+    assert Utils(db).count_entities("Forked") == 0
+    session = db.shared_data
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_child_runs_helpers, args=(db, q))
+    child.start()
+    result = q.get(timeout=30)
+    child.join(30)
+    assert result[0] == "ok", result
+    _, errors, count, has_session, child_opened = result
+    assert (errors, count, has_session) == (0, 200, True)
+    assert 1 <= child_opened <= pool.max_size
+    # The parent's pool and session are untouched; it sees the child's writes.
+    assert db.shared_data is session
+    assert Utils(db).count_entities("Forked") == 200
+    assert adb_server.counters()["sharing_violations"] == 0
