@@ -1600,6 +1600,8 @@ class ConnectionPool:
         Looks like an SDK ``Connector`` to the SDK's helpers (``ParallelLoader``,
         ``ParallelQuery``, ``Utils``, ``execute_query``); each of its queries
         runs through ``query()`` below, on a connector leased for that query.
+        A pool built from a ``connector_factory`` (no template) leases one
+        connector here to copy the SDK attributes (``host``, ``config``, ...).
         """
         from aperturedb_pool.shared import PooledConnector
 
