@@ -256,6 +256,11 @@ def _sizes(text: str) -> list[int]:
     return out
 
 
+def _metrics_port(text: str) -> int:
+    # 0: any free port (the bench prints the one it got)
+    return 0 if text.strip() == "0" else _port(text)
+
+
 def _port(text: str) -> int:
     try:
         v = int(text)
@@ -316,6 +321,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="print one JSON document on stdout (progress goes to stderr)")
     o.add_argument("--plot", metavar="FILE.png",
                    help="draw throughput and p99 lease wait against pool size (matplotlib)")
+    o.add_argument("--metrics-port", type=_metrics_port, default=None, metavar="N",
+                   help="serve the pools' Prometheus metrics on http://HOST:N/metrics during "
+                        "the run (needs prometheus-client: the 'prometheus' extra)")
+    o.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address --metrics-port listens on (default 127.0.0.1; 0.0.0.0: "
+                        "every interface)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     o.add_argument("--verbose", action="store_true",
                    help="show the pool's log lines (retries, retirements) as they happen")
@@ -464,6 +475,8 @@ class RunResult:
     write_check: dict[str, Any]
     run_id: str
     worker_crashes: list[str]
+    #: aperturedb_pool.metrics.snapshot() at the end (--json, --metrics-port)
+    metrics: dict[str, Any] | None = None
 
     @property
     def qps(self) -> float:
@@ -500,6 +513,7 @@ class RunResult:
             "pool_stats": st.as_dict() if st is not None else None,
             "worker_crashes": list(self.worker_crashes),
             "run_id": self.run_id,
+            "metrics": self.metrics,
         }
 
 
@@ -717,6 +731,15 @@ def _run_once(target: Target, a: argparse.Namespace, size: int, key_run: str,
                           timeout=a.lease_timeout, query_timeout=a.query_timeout,
                           retry=RetryPolicy(deadline=max(a.lease_timeout, a.query_timeout)),
                           name=f"bench-{size}")
+    metrics_snapshot = None
+    if a.json or a.metrics_port is not None:
+        from aperturedb_pool import metrics as _metrics
+
+        metrics_snapshot = _metrics.snapshot  # instruments the pool: histograms from now
+        metrics_snapshot(pool)
+        collector = getattr(a, "metrics_collector", None)
+        if collector is not None:
+            collector.add(pool)
     try:
         try:
             pool.wait_ready(timeout=min(60.0, a.lease_timeout))
@@ -765,6 +788,7 @@ def _run_once(target: Target, a: argparse.Namespace, size: int, key_run: str,
                 exc = f.exception()
                 crashes.append(redact(f"{type(exc).__name__}: {exc}"))
         stats = pool.stats()
+        metrics_doc = metrics_snapshot(pool) if metrics_snapshot is not None else None
         lease_wait, latency = Histogram(), Histogram()
         errors: dict[str, int] = {}
         samples: dict[str, str] = {}
@@ -787,7 +811,7 @@ def _run_once(target: Target, a: argparse.Namespace, size: int, key_run: str,
         return RunResult(size, a.threads, elapsed, interrupted, sum(w.ops for w in workers),
                          sum(w.reads for w in workers), sum(w.writes for w in workers), items,
                          unknown, sum(w.wrong for w in workers), errors, samples, lease_wait,
-                         latency, stats, check, run_id, crashes)
+                         latency, stats, check, run_id, crashes, metrics_doc)
     finally:
         pool.close(timeout=1.0)
 
@@ -963,6 +987,20 @@ def _attach_negative_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _serve_metrics(a: argparse.Namespace) -> Any:
+    # One collector for every run's pool (each named bench-SIZE), on a registry of
+    # its own: the endpoint shows the pools and nothing of the process.
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from aperturedb_pool.metrics import PrometheusCollector
+
+    a.metrics_collector = PrometheusCollector()
+    registry = CollectorRegistry()
+    registry.register(a.metrics_collector)
+    server, _thread = start_http_server(a.metrics_port, addr=a.metrics_host, registry=registry)
+    return server
+
+
 def main(argv: Sequence[str]) -> int:
     parser = _parser()
     a = parser.parse_args(_attach_negative_values(argv))
@@ -988,6 +1026,18 @@ def main(argv: Sequence[str]) -> int:
     setup_error: str | None = None
     cleanup_error: str | None = None
     started = time.time()
+    metrics_server = None
+    if a.metrics_port is not None:
+        try:
+            metrics_server = _serve_metrics(a)
+        except ImportError:
+            parser.error("argument --metrics-port: needs prometheus-client (pip install "
+                         "'aperturedb-pool[prometheus]')")
+        except OSError as e:
+            parser.error(f"argument --metrics-port: cannot listen on "
+                         f"{a.metrics_host}:{a.metrics_port}: {e}")
+        say(f"metrics: http://{a.metrics_host}:{metrics_server.server_port}/metrics "
+            f"(Prometheus text format, during the run)")
     try:
         try:
             target = _resolve_target(a, redact, say)
@@ -1042,6 +1092,9 @@ def main(argv: Sequence[str]) -> int:
         pool_logger.removeHandler(tap)
         if target is not None and target.server is not None:
             target.server.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
 
     plot_error = None
     if a.plot and results:

@@ -152,7 +152,7 @@ class Phase:
     pings an idle connector it has taken out of the pool), so it needs no lock."""
 
     __slots__ = ("connecting", "sent", "outstanding", "last_io", "failed", "requests",
-                 "reached", "deadline", "bounded")
+                 "reached", "deadline", "bound", "watched", "expired")
 
     def __init__(self) -> None:
         self.connecting = False
@@ -186,9 +186,18 @@ class Phase:
         # response) must be done, or None: set by the pool around the
         # attempts of a retry policy with a deadline.
         self.deadline: float | None = None
-        # The socket's timeout was last set from a deadline (bound_socket),
-        # not to the pool's query_timeout.
-        self.bounded = False
+        # The deadline the socket's timeout was last set from (bound_socket),
+        # or None (the socket has the pool's query_timeout): with one, every
+        # read and write of the current query is bounded by the socket itself.
+        self.bound: float | None = None
+        # The pool's background thread watches this query's deadline (set
+        # with it by the pool, for its queries): when the deadline is far, the
+        # socket stays blocking (a socket with a timeout polls before every
+        # read and write: one more system call, one more GIL release each)
+        # and an overdue query's socket is shut down by the watcher, which
+        # sets ``expired`` first so the failure reads as a QueryTimeout.
+        self.watched = False
+        self.expired = False
 
 
 def _describe(conn: Any) -> str:
@@ -257,14 +266,12 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                     sock.settimeout(connect_timeout)
                 orig_send(data)
                 return
-            if phase.deadline is not None:
+            if phase.bound is not None:
                 # A session step may have run since the query started: the
-                # write too ends by the deadline.
-                try:
-                    _within(conn.conn, phase.deadline)
-                except socket.timeout as e:
-                    raise ConnectFailed(f"the retry deadline passed before the request to "
-                                        f"{where} was sent; it was not sent") from e
+                # write too ends by the deadline (a deadline already past
+                # leaves it a moment: a small frame still goes out, and the
+                # read that follows times out).
+                _within(conn.conn, phase.bound, at_least=0.001)
             # Counted before the first byte is written (see Phase.outstanding).
             phase.outstanding += 1
             phase.sent = True
@@ -274,6 +281,11 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 else:
                     orig_send(data)
             except OSError as e:
+                if phase.expired:
+                    late = QueryTimeout(f"sending to {where} did not finish within the retry "
+                                        f"deadline; the request may have reached the server")
+                    phase.failed = late
+                    raise late from e
                 if e.errno in _NOT_DELIVERED:
                     # The peer is gone: sendall could not complete the frame,
                     # and the server executes only complete frames.
@@ -298,8 +310,7 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
 
         def _recv_msg() -> Any:
             try:
-                response = (read_frame(conn.conn, scratch, phase.deadline) if own
-                            else orig_recv())
+                response = read_frame(conn.conn, scratch, phase.bound) if own else orig_recv()
             except socket.timeout as e:
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} timed out") from e
@@ -314,6 +325,12 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 # (conn.conn is None).
                 if phase.connecting:
                     raise ConnectFailed(f"handshake with {where} failed: {e!r}") from e
+                if phase.expired:  # shut down by the deadline's watcher (TLS: an error)
+                    late = QueryTimeout(
+                        f"no response from {where} within the retry deadline; the query may "
+                        f"or may not have run, check before re-sending a write")
+                    phase.failed = late
+                    raise late from e
                 unknown = OutcomeUnknown(
                     f"connection to {where} failed after the request was sent ({e!r}); the "
                     f"query may or may not have run")
@@ -323,15 +340,22 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             if response is None:
                 if phase.connecting:
                     raise ConnectFailed(f"{where} closed the connection during the handshake")
+                if phase.expired:  # shut down by the deadline's watcher
+                    late = QueryTimeout(
+                        f"no response from {where} within the retry deadline; the query may "
+                        f"or may not have run, check before re-sending a write")
+                    phase.failed = late
+                    raise late
                 eof = OutcomeUnknown(
                     f"{where} closed the connection before answering; the query may or may "
                     f"not have run")
                 eof.peer_closed = True
                 phase.failed = eof
                 raise eof
-            if not phase.connecting and phase.outstanding > 0:
-                # A whole response read: one request fewer is owed an answer
-                # (the hello reply is no answer to a request).
+            if phase.outstanding:
+                # A whole response read: one request fewer is owed an answer.
+                # (A hello's reply comes only on a connector that owes none:
+                # connect() refuses to reconnect a connector in flight.)
                 phase.outstanding -= 1
             return response
 
@@ -400,13 +424,6 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
             if callable(orig):
                 setattr(conn, name, _before_the_query(orig, where, conn if name == "authenticate"
                                                       else None))
-        # Both take the session lock shared by every clone, which another
-        # connector may hold for a whole refresh against a slow server: with a
-        # deadline, wait for it no longer than that (nothing is sent yet).
-        for name in ("_check_session_status", "authenticate"):
-            orig = getattr(conn, name, None)
-            if callable(orig):
-                setattr(conn, name, _session_lock_within_deadline(orig, conn, phase, where))
 
     def query(q: Any, blobs: Any = None) -> Any:
         if slot.check_owner is not None:
@@ -427,14 +444,20 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         try:
             now = _monotonic()
             deadline = phase.deadline if sdk else None  # a stand-in has no socket to bound
-            if deadline is not None:
-                # A retry deadline bounds the whole exchange: the write and
-                # every read (read_frame re-arms the timeout per read).
+            if deadline is not None and (query_timeout is not None or not phase.watched or
+                                         deadline - _deadline_clock() < WATCHED_BEYOND):
+                # A deadline bounds the whole exchange: the write and every
+                # read (read_frame re-arms the timeout per read).
                 bound_socket(conn.conn, deadline - _deadline_clock(), query_timeout)
-                phase.bounded = True
-            elif phase.bounded:
-                phase.bounded = False
+                phase.bound = deadline
+            elif phase.bound is not None:
+                # No deadline, or a far one the pool's background thread
+                # watches: the socket goes back to the pool's query_timeout
+                # (None by default: blocking, one system call per read).
+                phase.bound = None
                 _restore_timeout(conn, query_timeout)
+            if deadline is not None:
+                _await_session_lock(conn, deadline, where)
             if now - phase.last_io > probe_after:
                 # Idle longer than probe_after while leased: check the socket
                 # before anything is sent (the same rule as the checkout
@@ -490,6 +513,11 @@ def _restore_timeout(conn: Any, query_timeout: float | None) -> None:
             pass
 
 
+#: A deadline further than this when a pool query starts is enforced by the
+#: pool's background thread (``Phase.watched``), closer ones by the socket's
+#: timeout.
+WATCHED_BEYOND = 3.0
+
 #: How far a socket timeout may differ from the time left before a deadline
 #: and still be kept: setting a timeout is a system call (which releases the
 #: GIL: a thread switch under contention), so consecutive queries with about
@@ -511,11 +539,11 @@ def bound_socket(sock: Any, left: float, query_timeout: float | None = None) -> 
         sock.settimeout(left)
 
 
-def _within(sock: Any, deadline: float) -> None:
-    # Before a read of a response: shorten the socket's timeout if it would
-    # let the read end later than the deadline (never lengthen it: it may be
-    # the shorter query_timeout).
-    left = deadline - _deadline_clock()
+def _within(sock: Any, deadline: float, at_least: float = 0.0) -> None:
+    # Before a read of a response (or a write): shorten the socket's timeout
+    # if it would let the read end later than the deadline (never lengthen
+    # it: it may be the shorter query_timeout).
+    left = max(deadline - _deadline_clock(), at_least)
     if left <= 0:
         raise socket.timeout("the deadline passed while reading a response")
     current = sock.gettimeout()
@@ -650,25 +678,23 @@ def _raised_in(e: BaseException, function: str) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_name == function
 
 
-def _session_lock_within_deadline(fn: Callable[..., Any], conn: Any, phase: Phase,
-                                  where: str) -> Callable[..., Any]:
-    """Wrap a session step that takes the SDK's shared session lock: with a
-    deadline, first wait until the lock is free, no longer than the deadline.
-    It is watched, not taken: between taking a lock with a timeout and the
-    statement that would release it, an interruption could leave it held for
-    every clone (the step takes it itself with ``with``)."""
-    def step(*args: Any, **kwargs: Any) -> Any:
-        deadline = phase.deadline
-        lock = getattr(getattr(conn, "shared_data", None), "lock", None)
-        if deadline is not None and lock is not None:
-            while lock.locked():  # rare: another clone is renewing the session
-                if _deadline_clock() >= deadline:
-                    raise ConnectFailed(f"another connector was renewing the session with "
-                                        f"{where} until the retry deadline passed; the query "
-                                        f"was not sent")
-                time.sleep(_SESSION_LOCK_POLL)
-        return fn(*args, **kwargs)
-    return step
+def _await_session_lock(conn: Any, deadline: float, where: str) -> None:
+    """Before a query under a deadline: the SDK starts every query by taking the
+    session lock shared by every clone, which another connector may hold for a
+    whole refresh against a slow server.  Wait until it is free, no longer than
+    the deadline (nothing is sent yet).  It is watched, not taken: between
+    taking a lock with a timeout and the statement that would release it, an
+    interruption could leave it held for every clone.  (A renewal the SDK runs
+    again later in the same query, after the server rejected the session, is
+    not covered: it waits for the lock as the SDK does.)"""
+    lock = getattr(getattr(conn, "shared_data", None), "lock", None)
+    if lock is None:
+        return
+    while lock.locked():  # rare: another clone is renewing the session
+        if _deadline_clock() >= deadline:
+            raise ConnectFailed(f"another connector was renewing the session with {where} "
+                                f"until the retry deadline passed; the query was not sent")
+        time.sleep(_SESSION_LOCK_POLL)
 
 
 _SESSION_LOCK_POLL = 0.005

@@ -19,7 +19,10 @@ it.  Every acquisition is a ``with`` statement (see "Interruptions").
 Not guarded by the lock: ``_idle`` (below); ``_fast``, ``_overdue_at`` and
 ``_generation`` read as hints by the fast paths (written under the lock);
 ``_long_wait_wakeup`` (a hint: a race costs one wake-up more); ``_tls``
-(per thread); ``_bg_wakeup`` (``SimpleQueue``, safe from any thread).
+(per thread); ``_bg_wakeup`` (``SimpleQueue``, safe from any thread);
+``_metrics`` and ``_lease_type`` (set once, under the lock, when the pool is
+instrumented by ``aperturedb_pool.metrics``; read by slow paths and
+``lease()``; the recorder's own lock is only ever taken after the pool's).
 
 The exception is ``_idle``, the deque of idle slots.  Its single-item
 operations (``append``, ``pop``, ``popleft``, ``remove``, ``copy``, ``[0]``)
@@ -324,10 +327,15 @@ class _Slot:
 
 
 class _ThreadMarks(threading.local):
-    """Per thread: when it last returned a lease of the pool.  The class
-    default spares the hot path a missing-attribute exception."""
+    """Per thread: when it last returned a lease of the pool (the class
+    default spares the hot path a missing-attribute exception), and the
+    thread's identity, made once per thread (``get_ident()`` makes a new int
+    object at every call: a lease records this one)."""
 
     released = -math.inf
+
+    def __init__(self) -> None:  # run once in each thread that uses it
+        self.ident = _get_ident()
 
 
 class _Waiter:
@@ -418,7 +426,7 @@ class Lease:
         self._slot: _Slot | None = None
         # The thread that asked: a PoolTimeout tells a caller that waits for
         # a connector while it holds others of the same pool.
-        self._thread = _get_ident()
+        self._thread = pool._tls.ident
 
     _req: float
 
@@ -556,7 +564,10 @@ class _ManualLease(Lease):
     found by the maintenance thread (nothing but its slot refers to it any
     more: see "Interruptions") and its connector closed, with a ResourceWarning."""
 
-    __slots__ = ()
+    # _granted: when acquire() returned it, kept only while the pool is
+    # instrumented (its use time; see aperturedb_pool.metrics).
+    __slots__ = ("_granted",)
+    _granted: float
 
 
 def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
@@ -659,6 +670,13 @@ class ConnectionPool:
     """
 
     _counter = itertools.count(1)
+
+    # Set by aperturedb_pool.metrics when the pool is instrumented: the
+    # recorder its slow paths report to (None: nothing is recorded, and the
+    # lease paths are exactly those of a pool never instrumented), and the
+    # Lease class lease() and query() create (a timing subclass then).
+    _metrics: Any = None
+    _lease_type: type = Lease
 
     def __init__(self, template: Any = None, *, min_size: int = 1, max_size: int = 8,
                  timeout: float = 30.0, max_waiting: int | None = None,
@@ -895,7 +913,7 @@ class ConnectionPool:
         """
         if timeout is not None:
             _required_duration("timeout", timeout)
-        return Lease(self, timeout)
+        return self._lease_type(self, timeout)
 
     def acquire(self, timeout: float | None = None) -> Lease:
         """Lease a connector now; return the Lease (``lease.conn`` is the connector).
@@ -909,6 +927,8 @@ class ConnectionPool:
         lease = _ManualLease(self, timeout)
         try:
             self._acquire(lease)
+            if self._metrics is not None:
+                lease._granted = _monotonic()
         except BaseException as e:
             # Interrupted once the connector was the lease's: nobody will
             # release it.
@@ -944,7 +964,6 @@ class ConnectionPool:
                         slot.holder = lease
             if slot is None:
                 slot = self._wait_for_slot(lease, start, deadline, timeout)
-                slot.holder = lease
                 now = _monotonic()
             # Outside the lock: a connector the pool could know is unusable is
             # never handed out.
@@ -1134,7 +1153,12 @@ class ConnectionPool:
                 self._remove_waiter(waiter)
                 raise
         try:
-            return self._wait_queued(waiter, start, deadline, timeout)
+            slot = self._wait_queued(waiter, start, deadline, timeout)
+            # The lease becomes the holder while this frame still refers to
+            # the waiter: a waiter only its slot refers to was abandoned (see
+            # _find_lost).
+            slot.holder = lease
+            return slot
         except BaseException:
             # Interrupted (KeyboardInterrupt, a signal handler) or failed:
             # never leave a queued waiter behind, nor a connector handed to it.
@@ -1152,6 +1176,8 @@ class ConnectionPool:
                 c = self._c
                 c["leases_waited"] = max(0, c["leases_waited"] - 1)
                 c["wait_time_total"] = max(0.0, c["wait_time_total"] - waiter.waited)
+                if self._metrics is not None:
+                    self._metrics.unwaited(waiter.waited)
                 self._put_back(slot)
         self._close_pending_if_closed()
 
@@ -1350,6 +1376,8 @@ class ConnectionPool:
         c["wait_time_total"] += waited
         if waited > c["wait_time_max"]:
             c["wait_time_max"] = waited
+        if self._metrics is not None:
+            self._metrics.waited(waited)
 
     def _leased_count(self) -> int:
         # Under the lock.  Slots in passage count as leased (see "Locking").
@@ -1377,6 +1405,8 @@ class ConnectionPool:
         lease._slot = _RELEASED
         slot.owner = None
         now = _monotonic()
+        if self._metrics is not None and isinstance(lease, _ManualLease):
+            self._metrics.released(lease, now)
         # A thread that asked for this lease right after returning its
         # previous one is in a loop: it will ask again at once, so it may
         # re-take this connector (see the module doc on fairness).  A
@@ -1587,6 +1617,8 @@ class ConnectionPool:
                     self._c[k] = 0.0 if isinstance(self._c[k], float) else 0
                 self._discarded = {}
                 self._granted_base = -uses
+                if self._metrics is not None:
+                    self._metrics.counters_reset(s)  # exported counters stay monotonic
         return s
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -1653,8 +1685,9 @@ class ConnectionPool:
         def one_attempt(remaining: float | None) -> T:
             started = _monotonic()
             wait = self.timeout if remaining is None else max(0.0, min(self.timeout, remaining))
-            # A plain Lease (its fast paths), released below on every path.
-            lease = Lease(self, wait)
+            # The pool's Lease (its fast paths; a timing subclass when
+            # instrumented), released below on every path.
+            lease = self._lease_type(self, wait)
             try:
                 conn = lease.__enter__()
             except PoolTimeout as e:
@@ -1680,6 +1713,10 @@ class ConnectionPool:
                 own = _monotonic() + attempt_timeout
                 until = own if until is None else min(until, own)
             if phase is not None:
+                # Far deadlines are watched by the background thread
+                # (_expire_overdue), near ones bound the socket (connectors).
+                phase.watched = True
+                phase.expired = False
                 phase.deadline = until
             reached = phase.reached if phase is not None else 0
             try:
@@ -1687,6 +1724,7 @@ class ConnectionPool:
             except BaseException as e:
                 if phase is not None:
                     phase.deadline = None
+                    phase.watched = False
                 lease.__exit__(type(e), e, None)  # counts an unknown outcome
                 if (isinstance(e, ConnectFailed) and not idempotent and phase is not None and
                         phase.reached > reached):
@@ -1702,18 +1740,23 @@ class ConnectionPool:
                 raise
             if phase is not None:
                 phase.deadline = None
+                phase.watched = False
             lease.__exit__(None, None, None)
             return result
 
         try:
             return policy.call(one_attempt, idempotent=idempotent, describe=describe,
                                on_retry=self._on_retry)
-        except (ConnectorError, ServerUnreachable):
+        except (ConnectorError, ServerUnreachable) as e:
             self._count("give_ups")
+            if self._metrics is not None and isinstance(e, OutcomeUnknown) and not idempotent:
+                self._metrics.write_not_retried()
             raise
 
     def _on_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
         self._count("retries")
+        if self._metrics is not None:
+            self._metrics.retried(exc)
 
     # -- background work -------------------------------------------------------
     def _ensure_bg(self) -> None:
@@ -1772,6 +1815,7 @@ class ConnectionPool:
         # before the request and the wait for the session lock), or, for an
         # object the pool cannot observe, its socket's timeout.
         if slot.tracked:
+            slot.phase.watched = False  # bounded by the socket: no one watches the watcher
             slot.phase.deadline = _monotonic() + self.connect_timeout
             try:
                 response, _ = conn.query([{"GetStatus": {}}])
@@ -1809,6 +1853,7 @@ class ConnectionPool:
 
     def _open_one(self) -> bool:
         """Open one requested connector (background thread).  True on success."""
+        started = _monotonic()
         try:
             conn, slot = self._new_connector()
         except BaseException as e:  # noqa: B902 - reported, then retried with backoff
@@ -1839,6 +1884,8 @@ class ConnectionPool:
             self._unreachable_since = None
             self._last_open_error = None
             self._c["connectors_opened"] += 1
+            if self._metrics is not None:
+                self._metrics.created(_monotonic() - started)
             if self._closed:
                 self._to_close.append((conn, "closed"))
                 return True
@@ -1853,7 +1900,7 @@ class ConnectionPool:
 
     def _maintain(self, now: float) -> float:
         """One round of background work; returns seconds until the next round."""
-        next_round = min(1.0, self._recover_lost(now))
+        next_round = min(1.0, self._recover_lost(now), self._expire_overdue(now))
         self._log_cpu_note()
         # Opens requested by waiters, shrinking and min_size: each in an
         # opener thread, so that a slow or hanging connect never stalls the
@@ -1928,13 +1975,47 @@ class ConnectionPool:
             logger.warning("pool %r: connector %d leased for %.3f s (leak_threshold %.3g s); "
                            "leased at:\n%s", self.name, slot.id, age, self.leak_threshold,
                            "".join(stack or []))
-        for slot in pings:
-            # Each ping may take up to connect_timeout: lost slots are looked
-            # for between them too.
-            self._recover_lost(_monotonic())
-            self._keepalive(slot)
+        if pings:
+            # Each ping may take up to connect_timeout: they run in a thread
+            # of their own, so this thread goes on watching deadlines and
+            # looking for lost slots meanwhile.
+            threading.Thread(target=self._keepalive_all, args=(pings,), daemon=True,
+                             name=f"aperturedb-pool-{self.name}-ping").start()
         self._close_pending()
         return next_round
+
+    def _keepalive_all(self, slots: list[_Slot]) -> None:
+        for slot in slots:
+            self._keepalive(slot)
+        self._close_pending_if_closed()
+
+    def _expire_overdue(self, now: float) -> float:
+        """Shut down the sockets of pool queries past their (far) deadline (the
+        background thread; see connectors.Phase.watched).  Returns seconds until
+        the next watched deadline."""
+        due = math.inf
+        overdue: list[tuple[_Slot, float]] = []
+        with self._lock:
+            for slot in self._all:
+                phase = slot.phase
+                deadline = phase.deadline
+                if deadline is None or not phase.watched or phase.bound is not None:
+                    continue
+                late = deadline + _connectors.TIMEOUT_SLACK
+                if now >= late:
+                    overdue.append((slot, deadline))
+                else:
+                    due = min(due, late)
+        for slot, deadline in overdue:
+            phase = slot.phase
+            if phase.deadline is deadline and slot.in_flight:  # still that query
+                phase.expired = True
+                sock = socket_of(slot.conn)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # its read ends now
+                except (OSError, AttributeError):
+                    pass
+        return max(0.01, due - now)
 
     def _recover_lost(self, now: float) -> float:
         """Close and replace the connectors no one will ever return (the

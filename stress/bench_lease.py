@@ -54,15 +54,16 @@ from itertools import repeat
 from _benchkit import StandInConnector, jain_index, load_average, machine_facts, percentile
 
 SCENARIOS = ("single", "contended", "fairness")
-POOLS = ("ours", "sdk", "queue", "deque")
+POOLS = ("ours", "ours-metrics", "sdk", "queue", "deque")
 # deque + Lock cannot make a caller wait, so it only runs where nobody has to.
 POOLS_BY_SCENARIO = {
-    "single": ("ours", "sdk", "queue", "deque"),
-    "contended": ("ours", "sdk", "queue"),
+    "single": ("ours", "ours-metrics", "sdk", "queue", "deque"),
+    "contended": ("ours", "ours-metrics", "sdk", "queue"),
     "fairness": ("ours", "sdk", "queue"),
 }
 LABELS = {
     "ours": "aperturedb_pool.ConnectionPool",
+    "ours-metrics": "the same, instrumented (metrics)",
     "sdk": "aperturedb.ConnectionPool (SDK)",
     "queue": "bare queue.Queue",
     "deque": "bare deque+Lock",
@@ -170,7 +171,27 @@ def _make_deque(size: int) -> Subject:
     return Subject("deque", functools.partial(_DequeLease, idle, threading.Lock()), lambda: None)
 
 
-FACTORIES = {"ours": _make_ours, "sdk": _make_sdk, "queue": _make_queue, "deque": _make_deque}
+def _make_ours_metrics(size: int) -> Subject:
+    # The pool instrumented as a user would: OpenTelemetry (the SDK, when
+    # installed, with a reader that is never collected during the timing) and a
+    # Prometheus collector.  What a lease pays is the timing Lease subclass.
+    from aperturedb_pool import metrics
+
+    subject = _make_ours(size)
+    pool = subject.lease.__self__
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        metrics.instrument(pool, MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    except ImportError:
+        metrics.snapshot(pool)  # the recorder and the timing lease alone
+    metrics.PrometheusCollector(pool)
+    return Subject("ours-metrics", pool.lease, pool.close, subject.stats)
+
+
+FACTORIES = {"ours": _make_ours, "ours-metrics": _make_ours_metrics, "sdk": _make_sdk,
+             "queue": _make_queue, "deque": _make_deque}
 
 
 # --------------------------------------------------------------------------- hot loops
@@ -606,7 +627,7 @@ def parse_args(argv=None):
                    help="seconds per pool in the fairness scenario (default 2)")
     p.add_argument("--only", default="",
                    help="comma-separated scenarios (single, contended, fairness) and/or "
-                        "pools (ours, sdk, queue, deque) to run; default all")
+                        "pools (ours, ours-metrics, sdk, queue, deque) to run; default all")
     p.add_argument("--iterations", type=int, default=200_000,
                    help="leases per repeat, single thread (default 200000)")
     p.add_argument("--repeats", type=int, default=5, help="repeats, single thread (default 5)")

@@ -29,13 +29,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import _injection as inj  # noqa: E402
 
-MAX_SIZE = 2
-
 
 def main(argv: list[str] | None = None) -> int:
     sc = Scenario("injection", __doc__, duration=0.0, quick=0.0, limit=1800.0, argv=argv)
     import aperturedb_pool.pool as pool_mod
-    from aperturedb_pool import ConnectionPool, RetryPolicy
     from aperturedb_pool.testing.server import EmbeddedServer
 
     pool_mod._LOST_GRACE = 0.05  # noqa: SLF001 - lost slots declared lost sooner: faster runs
@@ -46,19 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inj.seed(srv)
 
-        def make_pool() -> ConnectionPool:
-            pool = ConnectionPool(srv.connector(), min_size=MAX_SIZE, max_size=MAX_SIZE,
-                                  timeout=inj.LEASE_TIMEOUT, fairness_threshold=0.05,
-                                  retry=RetryPolicy(max_attempts=2, deadline=inj.LEASE_TIMEOUT,
-                                                    initial_delay=0.01))
-            pool.wait_ready(inj.LEASE_TIMEOUT)
-            return pool
-
         def run(injector: inj.Injector) -> list[str]:
-            scenario = inj.Scenario(make_pool(), MAX_SIZE)
-            finished, outcome = inj.in_thread(lambda: injector.run(scenario.traced),
-                                              6 * inj.LEASE_TIMEOUT)
-            return scenario.check(finished, outcome)
+            return inj.run_once(srv, injector)
 
         recorder = inj.Injector(mode)
         sc.check("the scenario runs clean without injection", run(recorder) == [])

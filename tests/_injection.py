@@ -375,3 +375,31 @@ def _expected_failure(e: BaseException) -> bool:
     from aperturedb_pool import ConnectorError, LeaseError, PoolTimeout
 
     return isinstance(e, (ConnectorError, LeaseError, PoolTimeout, Interrupt, SoftTimeLimit))
+
+
+# ---------------------------------------------------------------------------
+# One run: a fresh pool, the scenario in a traced thread, the checks
+# ---------------------------------------------------------------------------
+
+MAX_SIZE = 2
+
+
+def make_pool(server: Any) -> Any:
+    from aperturedb_pool import ConnectionPool, RetryPolicy
+
+    pool = ConnectionPool(server.connector(), min_size=MAX_SIZE, max_size=MAX_SIZE,
+                          timeout=LEASE_TIMEOUT, fairness_threshold=0.05,
+                          retry=RetryPolicy(max_attempts=2, deadline=LEASE_TIMEOUT,
+                                            initial_delay=0.01))
+    pool.wait_ready(LEASE_TIMEOUT)
+    return pool
+
+
+def run_once(server: Any, injector: Injector) -> list[str]:
+    """The scenario on a fresh pool with ``injector``: the findings."""
+    sc = Scenario(make_pool(server), MAX_SIZE)
+    finished, outcome = in_thread(lambda: injector.run(sc.traced), 6 * LEASE_TIMEOUT)
+    findings = sc.check(finished, outcome)
+    if injector.target is None and sc.steps < 5:
+        findings.append(f"the scenario stopped at step {sc.steps}: {outcome!r}")
+    return findings

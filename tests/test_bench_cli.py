@@ -64,6 +64,15 @@ def test_bench_json_against_an_embedded_server() -> None:
     stats = run["pool_stats"]
     assert stats["leased"] == 0 and stats["waiting"] == 0 and stats["size"] == 2
     assert stats["leases_granted"] >= run["queries"]
+    # the run's numbers under the OpenTelemetry names (aperturedb_pool.metrics)
+    m = run["metrics"]
+    assert m["db.client.connection.pool.name"] == "bench-2"
+    assert m["db.client.connection.count"] == {"idle": 2, "used": 0}
+    assert m["db.client.connection.max"] == 2 and m["db.client.connection.timeouts"] == 0
+    assert m["aperturedb_pool.leases"] == stats["leases_granted"]
+    assert m["db.client.connection.wait_time"]["count"] == stats["leases_granted"]
+    assert m["db.client.connection.use_time"]["count"] == stats["leases_granted"]
+    assert m["db.client.connection.wait_time"]["buckets"]["+Inf"] == stats["leases_granted"]
     # Not a terminal: progress is plain lines (on stderr, beside the JSON), no bar.
     progress = [ln for ln in p.stderr.splitlines() if ln.startswith("bench: ")]
     assert progress and all(" queries, " in ln for ln in progress)
@@ -310,3 +319,36 @@ def test_stress_asyncexc_scenario_passes_a_short_run() -> None:
                        cwd=str(ROOT / "stress"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.startswith("PASS asyncexc")
+
+
+def test_bench_serves_prometheus_metrics_during_the_run() -> None:
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "aperturedb_pool", "bench", "--duration",
+                             "3", "--json", "--threads", "4", "--pool-size", "2",
+                             "--metrics-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stderr is not None
+        url = None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "metrics: http://" in line:
+                url = line.split("metrics: ", 1)[1].split()[0]
+            if url and line.startswith("bench: "):  # the run has started
+                break
+        assert url, "".join(lines)
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'db_client_connection_count{pool_name="bench-2",state="idle"}' in text
+        assert 'db_client_connection_wait_time_seconds_bucket{le="0.0001",pool_name="bench-2"}' \
+            in text
+        assert 'db_client_connection_timeouts_total{pool_name="bench-2"} 0.0' in text
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert json.loads(out)["runs"][0]["metrics"]["db.client.connection.max"] == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -34,10 +34,7 @@ import _injection as inj  # noqa: E402
 import pytest  # noqa: E402
 
 import aperturedb_pool.pool as pool_mod  # noqa: E402
-from aperturedb_pool import ConnectionPool, RetryPolicy  # noqa: E402
 from aperturedb_pool.testing.server import EmbeddedServer  # noqa: E402
-
-MAX_SIZE = 2
 
 
 @pytest.fixture(scope="module")
@@ -50,24 +47,6 @@ def server() -> Iterator[EmbeddedServer]:
         srv.stop()
 
 
-def make_pool(server: EmbeddedServer) -> ConnectionPool:
-    pool = ConnectionPool(server.connector(), min_size=MAX_SIZE, max_size=MAX_SIZE,
-                          timeout=inj.LEASE_TIMEOUT, fairness_threshold=0.05,
-                          retry=RetryPolicy(max_attempts=2, deadline=inj.LEASE_TIMEOUT,
-                                            initial_delay=0.01))
-    pool.wait_ready(inj.LEASE_TIMEOUT)
-    return pool
-
-
-def run(server: EmbeddedServer, injector: inj.Injector) -> list[str]:
-    sc = inj.Scenario(make_pool(server), MAX_SIZE)
-    finished, outcome = inj.in_thread(lambda: injector.run(sc.traced), 6 * inj.LEASE_TIMEOUT)
-    findings = sc.check(finished, outcome)
-    if injector.target is None and sc.steps < 5:
-        findings.append(f"the scenario stopped at step {sc.steps}: {outcome!r}")
-    return findings
-
-
 def test_an_exception_at_every_line_of_the_lease_paths_breaks_nothing(
         server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -76,7 +55,7 @@ def test_an_exception_at_every_line_of_the_lease_paths_breaks_nothing(
     monkeypatch.setattr(pool_mod, "_LOST_GRACE", 0.05)
     caplog.set_level(logging.CRITICAL, logger="aperturedb_pool")
     recorder = inj.Injector("lines")
-    assert run(server, recorder) == []
+    assert inj.run_once(server, recorder) == []
     points = sorted(recorder.seen, key=recorder.seen.__getitem__)
     files = {os.path.basename(p[0]) for p in points}
     # The scenario reaches the paths it exists for.
@@ -88,7 +67,7 @@ def test_an_exception_at_every_line_of_the_lease_paths_breaks_nothing(
     for i, point in enumerate(points):
         kind = inj.Interrupt if i % 2 == 0 else inj.SoftTimeLimit
         injector = inj.Injector("lines", point, lambda kind=kind: kind("injected"))
-        for finding in run(server, injector):
+        for finding in inj.run_once(server, injector):
             findings.append(f"{os.path.basename(point[0])}:{point[1]} ({point[2]}, "
                             f"{kind.__name__}): {finding}")
         fired += injector.fired

@@ -75,6 +75,26 @@ def pools() -> Iterator[list[ConnectionPool]]:
         pool.close()
 
 
+def timed_query(pool: ConnectionPool, deadline: float, limit: float) -> tuple[Any, float]:
+    """``pool.query`` under ``RetryPolicy(deadline=...)`` in a thread: (its error or
+    "answered", seconds taken).  Fails if it is still running after ``limit``."""
+    outcome: list[Any] = []
+
+    def call() -> None:
+        t0 = time.monotonic()
+        try:
+            pool.query(find(1), retry=RetryPolicy(deadline=deadline, initial_delay=0.01))
+            outcome.append(("answered", time.monotonic() - t0))
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            outcome.append((e, time.monotonic() - t0))
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"pool.query outlived its retry deadline of {deadline} s by far"
+    return outcome[0]
+
+
 @pytest.fixture
 def alarm() -> Iterator[Any]:
     """``alarm(seconds)``: raise ``Interrupted`` in this (the main) thread after
@@ -169,28 +189,17 @@ def test_an_interruption_after_the_write_under_a_session_refresh_discards_the_co
 # ---------------------------------------------------------------------------
 
 
-def test_the_retry_deadline_bounds_a_query_the_server_never_answers(pools: list) -> None:
+@pytest.mark.parametrize("deadline", [1.0, 4.0])  # near: the socket's timeout; far: watched
+def test_the_retry_deadline_bounds_a_query_the_server_never_answers(pools: list,
+                                                                    deadline: float) -> None:
     server = MisbehavingServer("silent")
     try:
         pool = ConnectionPool(server.connector(), min_size=1, max_size=1, timeout=JOIN)
         pools.append(pool)
         pool.wait_ready(JOIN)
-        outcome: list[Any] = []
-
-        def call() -> None:
-            t0 = time.monotonic()
-            try:
-                pool.query(find(1), retry=RetryPolicy(deadline=1.0, initial_delay=0.01))
-            except BaseException as e:  # noqa: B036 - reported to the test
-                outcome.append((e, time.monotonic() - t0))
-
-        t = threading.Thread(target=call, daemon=True)
-        t.start()
-        t.join(6.0)
-        assert not t.is_alive(), "pool.query outlived its retry deadline by far"
-        err, took = outcome[0]
+        err, took = timed_query(pool, deadline, deadline + 5.0)
         assert isinstance(err, QueryTimeout) and "deadline" in str(err)
-        assert took < 1.0 + 2.0  # the deadline, plus scheduling noise
+        assert took < deadline + 2.0  # the deadline, plus scheduling noise
         assert pool.stats().discarded.get("interrupted", 0) >= 1
     finally:
         server.stop()
@@ -233,24 +242,10 @@ def test_the_retry_deadline_bounds_the_wait_for_the_shared_session_lock(
     pool = ConnectionPool(template, min_size=1, max_size=1, timeout=JOIN)
     pools.append(pool)
     pool.wait_ready(JOIN)
-    outcome: list[Any] = []
-
-    def call() -> None:
-        t0 = time.monotonic()
-        try:
-            pool.query(find(1), retry=RetryPolicy(deadline=1.0, initial_delay=0.01))
-            outcome.append(("answered", time.monotonic() - t0))
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            outcome.append((e, time.monotonic() - t0))
-
     # Another connector renewing the session (against a slow server) holds
     # the lock every clone shares.
     with template.shared_data.lock:
-        t = threading.Thread(target=call, daemon=True)
-        t.start()
-        t.join(6.0)
-        assert not t.is_alive(), "pool.query waited for the session lock past its deadline"
-    err, took = outcome[0]
+        err, took = timed_query(pool, 1.0, 6.0)
     assert took < 1.0 + 2.0
     assert "renewing the session" in str(err) + str(getattr(err, "__cause__", ""))
     # Nothing was sent, and the connector is fine once the lock is free.

@@ -44,6 +44,7 @@ MARKERS = {
     "django": "from aperturedb_pool.django import get_connector, get_pool",
     "batch": "run_batches(pool, load, people",
     "helpers": "db = pool.connector()",
+    "metrics": "registry.register(PrometheusCollector(pool))",
 }
 
 
@@ -244,3 +245,32 @@ def test_sample_bench_report_is_consistent_and_has_the_bench_layout() -> None:
     real = p.stdout[p.stdout.index("results:"):].splitlines()
     sample = report.splitlines()
     assert [ln[:29] for ln in real] == [ln[:29] for ln in sample]
+
+
+def test_metrics_example_and_its_scrape(adb_server: Any) -> None:
+    import socket
+    import urllib.request
+
+    pytest.importorskip("prometheus_client")
+    pytest.importorskip("opentelemetry.sdk.metrics")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    code = _for_server(_block(MARKERS["metrics"]), adb_server.port)
+    assert "9464" in code
+    code = re.sub(r"\b9464\b", str(free), code)
+    ns = _run(code)
+    try:
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{free}/metrics",
+                                        timeout=10).read().decode().splitlines()
+        (sample,) = [b for b in _blocks("text") if "db_client_connection_count" in b]
+        for line in sample.splitlines():
+            assert line in scrape, line
+        data = ns["reader"].get_metrics_data()
+        names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics
+                 for m in sm.metrics}
+        assert {"db.client.connection.count", "db.client.connection.wait_time"} <= names
+    finally:
+        ns["server"].shutdown()
+        ns["server"].server_close()
+        ns["pool"].close()
