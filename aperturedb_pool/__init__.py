@@ -23,6 +23,7 @@ from aperturedb_pool.errors import (
     TooManyWaiters,
 )
 from aperturedb_pool.pool import ConnectionPool, Lease
+from aperturedb_pool.shared import PooledConnector
 from aperturedb_pool.stats import PoolStats
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ __all__ = [
     "__version__",
     "ConnectionPool",
     "Lease",
+    "PooledConnector",
     "PoolStats",
     "RetryPolicy",
     "PoolError",

@@ -214,7 +214,7 @@ import warnings
 import weakref
 from collections import deque
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from aperturedb_pool import connectors as _connectors
 from aperturedb_pool.errors import (
@@ -230,6 +230,9 @@ from aperturedb_pool.errors import (
 )
 from aperturedb_pool.health import PEER_CLOSED, TLS_READABLE, probe_socket, socket_of
 from aperturedb_pool.stats import PoolStats
+
+if TYPE_CHECKING:
+    from aperturedb_pool.shared import PooledConnector
 
 logger = logging.getLogger("aperturedb_pool")
 
@@ -1624,6 +1627,19 @@ class ConnectionPool:
             self._c[key] += n
 
     # -- queries through the retry policy ------------------------------------
+    def connector(self) -> "PooledConnector":
+        """A connector every thread may share (``aperturedb_pool.shared``).
+
+        Looks like an SDK ``Connector`` to the SDK's helpers (``ParallelLoader``,
+        ``ParallelQuery``, ``Utils``, ``execute_query``); each of its queries
+        runs through ``query()`` below, on a connector leased for that query.
+        A pool built from a ``connector_factory`` (no template) leases one
+        connector here to copy the SDK attributes (``host``, ``config``, ...).
+        """
+        from aperturedb_pool.shared import PooledConnector
+
+        return PooledConnector(self)
+
     def query(self, q: Any, blobs: Any = None, *, idempotent: bool | None = None,
               timeout: float | None = None, retry: Any = None) -> Any:
         """Run one query under the retry policy; returns what ``Connector.query`` returns.

@@ -43,6 +43,7 @@ MARKERS = {
     "flask": "from aperturedb_pool.flask import ApertureDB",
     "django": "from aperturedb_pool.django import get_connector, get_pool",
     "batch": "run_batches(pool, load, people",
+    "helpers": "db = pool.connector()",
     "metrics": "registry.register(PrometheusCollector(pool))",
 }
 
@@ -110,6 +111,14 @@ def test_batch_loading(adb_server: Any, capsys: pytest.CaptureFixture[str]) -> N
     stored = template.query([{"FindEntity": {"with_class": "Person",
                                              "results": {"count": True}}}])[0]
     assert stored[0]["FindEntity"]["count"] == 1000
+
+
+def test_sdk_helpers_through_the_pool(adb_server: Any,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code = _block(MARKERS["helpers"]).replace("range(10_000)", "range(2_000)")
+    _run(code, template=adb_server.connector())
+    assert capsys.readouterr().out.splitlines()[-1] == "0 2000"
+    assert adb_server.counters()["accepted"] <= 4
 
 
 # --- Flask -------------------------------------------------------------------

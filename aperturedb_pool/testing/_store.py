@@ -995,6 +995,16 @@ class _Transaction:
         return {"status": STATUS_OK, "info": "OK", "system": "ApertureDB",
                 "version": SERVER_VERSION}
 
+    def _user_log_message(self, where: str, params: dict) -> dict[str, Any]:
+        # Utils.user_log_message(): the real server writes the text to its log;
+        # this one checks the shape and keeps nothing.
+        text, level = params.get("text"), params.get("type", "INFO")
+        if not isinstance(text, str):
+            raise CommandError(f"{where}: 'text' must be a string")
+        if level not in ("INFO", "WARNING", "ERROR"):
+            raise CommandError(f"{where}: 'type' must be INFO, WARNING or ERROR, got {level!r}")
+        return {"status": STATUS_OK}
+
     def _get_schema(self, where: str, params: dict) -> dict[str, Any]:
         classes = _summarise(self.objects.values())
         conns = _summarise(self.store.connections.values())
@@ -1210,6 +1220,7 @@ _HANDLERS: dict[str, Callable[[_Transaction, str, dict], dict[str, Any]]] = {
     "CreateIndex": _Transaction._create_index,
     "RemoveIndex": _Transaction._remove_index,
     "GetIndexes": _Transaction._get_indexes,
+    "UserLogMessage": _Transaction._user_log_message,
 }
 
 # Command name -> (method, object kind or None for the handlers above).
