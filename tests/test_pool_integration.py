@@ -350,6 +350,9 @@ def _child_uses_pool(pool: ConnectionPool, q: Any) -> None:
             with pool.lease(timeout=10) as conn:
                 got.append(entities(conn.query(find(7))[0]))
         got.append(entities(pool.query(find(7))[0]))
+        # min_size connectors are opened in the background: count them once
+        # all are open (a second open could still be on its way to the server).
+        pool.wait_ready(10)
         s = pool.stats()
         q.put(("ok", got, s.connectors_opened, s.size))
     except BaseException as e:  # noqa: B036 - reported to the parent
