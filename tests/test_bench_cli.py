@@ -161,23 +161,28 @@ def test_plot_has_a_legend_and_marks_the_recommended_size() -> None:
     plt.close(fig)
 
 
+def _first_progress(proc: subprocess.Popen) -> bytes:
+    """Read the bench's stderr until its first progress line; return what was read."""
+    err = b""
+    deadline = time.monotonic() + 30
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while b"bench: 1/60 s" not in err:
+            assert time.monotonic() < deadline, err.decode()
+            if sel.select(1):
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, err.decode()
+                err += chunk
+    return err
+
+
 def test_ctrl_c_stops_cleanly_with_a_partial_report() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "aperturedb_pool", "bench", "--duration",
                              "60", "--json", "--threads", "4", "--pool-size", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
                             stdin=subprocess.DEVNULL)
     try:
-        # Wait for the first progress line: the run is under way.
-        err = b""
-        deadline = time.monotonic() + 30
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stderr, selectors.EVENT_READ)
-            while b"bench: 1/60 s" not in err:
-                assert time.monotonic() < deadline, err.decode()
-                if sel.select(1):
-                    chunk = os.read(proc.stderr.fileno(), 4096)
-                    assert chunk, err.decode()
-                    err += chunk
+        err = _first_progress(proc)  # the run is under way
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, rest = proc.communicate(timeout=20)
@@ -204,16 +209,7 @@ def test_ctrl_c_at_the_terminal_spares_the_embedded_server() -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        err = b""
-        deadline = time.monotonic() + 30
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stderr, selectors.EVENT_READ)
-            while b"bench: 1/60 s" not in err:
-                assert time.monotonic() < deadline, err.decode()
-                if sel.select(1):
-                    chunk = os.read(proc.stderr.fileno(), 4096)
-                    assert chunk, err.decode()
-                    err += chunk
+        err = _first_progress(proc)
         server_pid = int(err.split(b"embedded server, pid ", 1)[1].split(b",", 1)[0])
         assert os.getpgid(server_pid) != os.getpgid(proc.pid)
         t0 = time.monotonic()
