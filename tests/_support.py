@@ -4,7 +4,9 @@ this directory on ``sys.path``)."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 
 def wait_until(pred: Callable[[], Any], what: str = "condition", *, timeout: float,
@@ -23,3 +25,22 @@ def wait_until(pred: Callable[[], Any], what: str = "condition", *, timeout: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll)
+
+
+@contextmanager
+def tls_server_naming(hostname: str, tmp_path: Path) -> Iterator[tuple[Any, str]]:
+    """A started TLS ``EmbeddedServer`` whose certificate names only ``hostname``
+    (issued by a fresh CA), and the CA file's path.  Skips without trustme."""
+    import pytest
+
+    trustme = pytest.importorskip("trustme")
+    from aperturedb_pool.testing import EmbeddedServer
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(hostname)
+    certfile, keyfile, cafile = (str(tmp_path / n) for n in ("c.pem", "k.pem", "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(certfile)
+    cert.private_key_pem.write_to_path(keyfile)
+    ca.cert_pem.write_to_path(cafile)
+    with EmbeddedServer(tls=True, certfile=certfile, keyfile=keyfile) as server:
+        yield server, cafile

@@ -14,16 +14,13 @@ import logging
 import time
 from typing import Any, Callable, Iterator
 
+import _support
 import pytest
 
 from aperturedb_pool import ConnectFailed, ConnectionPool, PoolTimeout, RetryPolicy
 
 FIRST_CALL = 2.0   # the issue's target for the first call to fail
 MAX_LOG_LINES = 4  # "fewer than 5"
-
-
-def _trustme() -> Any:
-    return pytest.importorskip("trustme")
 
 
 @pytest.fixture
@@ -66,17 +63,8 @@ def _lines(records: list[logging.LogRecord], level: int = logging.INFO) -> int:
 @pytest.fixture
 def server_with_cert(tmp_path: Any) -> Iterator[tuple[Any, str]]:
     """A TLS server whose certificate names only db.example.org (and its CA file)."""
-    trustme = _trustme()
-    from aperturedb_pool.testing import EmbeddedServer
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("db.example.org")
-    certfile, keyfile, cafile = (str(tmp_path / n) for n in ("c.pem", "k.pem", "ca.pem"))
-    cert.cert_chain_pems[0].write_to_path(certfile)
-    cert.private_key_pem.write_to_path(keyfile)
-    ca.cert_pem.write_to_path(cafile)
-    with EmbeddedServer(tls=True, certfile=certfile, keyfile=keyfile) as server:
-        yield server, cafile
+    with _support.tls_server_naming("db.example.org", tmp_path) as pair:
+        yield pair
 
 
 CALLS: dict[str, Callable[[ConnectionPool], Any]] = {

@@ -312,16 +312,7 @@ def test_tls_with_hostname_verification(adb_tls_server: Any, make_pool: Any) -> 
 
 
 def test_tls_hostname_mismatch_fails_fast(tmp_path: Any, make_pool: Any) -> None:
-    trustme = pytest.importorskip("trustme")
-    from aperturedb_pool.testing import EmbeddedServer
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("db.example.org")
-    certfile, keyfile, cafile = (str(tmp_path / n) for n in ("c.pem", "k.pem", "ca.pem"))
-    cert.cert_chain_pems[0].write_to_path(certfile)
-    cert.private_key_pem.write_to_path(keyfile)
-    ca.cert_pem.write_to_path(cafile)
-    with EmbeddedServer(tls=True, certfile=certfile, keyfile=keyfile) as server:
+    with _support.tls_server_naming("db.example.org", tmp_path) as (server, cafile):
         bad = make_pool(server, server.connector(ca_cert=cafile), min_size=1, max_size=1,
                         reconnect_initial=0.01)
         t0 = time.monotonic()
