@@ -457,7 +457,12 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
                 phase.bound = None
                 _restore_timeout(conn, query_timeout)
             if deadline is not None:
-                _await_session_lock(conn, deadline, where)
+                try:
+                    lock = conn.shared_data.lock  # the SDK's, shared by every clone
+                except AttributeError:  # an SDK subclass without a shared session
+                    lock = None
+                if lock is not None and lock.locked():  # rare: a clone renews the session
+                    _await_session_lock(lock, deadline, where)
             if now - phase.last_io > probe_after:
                 # Idle longer than probe_after while leased: check the socket
                 # before anything is sent (the same rule as the checkout
@@ -678,7 +683,7 @@ def _raised_in(e: BaseException, function: str) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_name == function
 
 
-def _await_session_lock(conn: Any, deadline: float, where: str) -> None:
+def _await_session_lock(lock: Any, deadline: float, where: str) -> None:
     """Before a query under a deadline: the SDK starts every query by taking the
     session lock shared by every clone, which another connector may hold for a
     whole refresh against a slow server.  Wait until it is free, no longer than
@@ -687,10 +692,7 @@ def _await_session_lock(conn: Any, deadline: float, where: str) -> None:
     interruption could leave it held for every clone.  (A renewal the SDK runs
     again later in the same query, after the server rejected the session, is
     not covered: it waits for the lock as the SDK does.)"""
-    lock = getattr(getattr(conn, "shared_data", None), "lock", None)
-    if lock is None:
-        return
-    while lock.locked():  # rare: another clone is renewing the session
+    while lock.locked():
         if _deadline_clock() >= deadline:
             raise ConnectFailed(f"another connector was renewing the session with {where} "
                                 f"until the retry deadline passed; the query was not sent")

@@ -229,6 +229,7 @@ from aperturedb_pool.errors import (
     TooManyWaiters,
 )
 from aperturedb_pool.health import PEER_CLOSED, TLS_READABLE, probe_socket, socket_of
+from aperturedb_pool.retry import RetryPolicy, is_read_only
 from aperturedb_pool.stats import PoolStats
 
 if TYPE_CHECKING:
@@ -483,52 +484,63 @@ class Lease:
             raise
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
-        slot = self._slot
-        if ev is None and slot is not None and not slot.in_flight:  # _RELEASED is in flight
-            pool = self._pool
-            if pool._fast and slot.generation == pool._generation:
-                now = _monotonic()
-                if now < slot.expires:
-                    if not pool._waiters:
-                        # Fast path: a clean return while nobody waits.
-                        # Append first, then look for waiters and close()
-                        # (see "Locking").
-                        self._slot = _RELEASED
-                        slot.holder = None
-                        slot.returned = now
-                        pool._idle.append(slot)
-                        if pool._waiters or not pool._fast:
-                            pool._settle()
-                        return
-                    tls = pool._tls
-                    if slot.leased_at - tls.released < _LOOP_GAP and now < pool._overdue_at:
-                        # A thread in a loop (it asked for this lease right
-                        # after returning its previous one) keeps its
-                        # connector for its next lease while no waiter is
-                        # overdue ("Fairness"): idle, not handed over, so no
-                        # thread wake-up.  Inlined (no call, no exception):
-                        # with callers waiting this is the hot path.
-                        tls.released = now
-                        self._slot = _RELEASED
-                        slot.holder = None
-                        slot.returned = now
-                        idle = pool._idle
-                        if idle:
-                            try:
-                                stale = now - idle[0].returned > _LOOP_GAP
-                            except IndexError:  # emptied since the test
-                                stale = False
-                            if stale:
-                                # A connector kept by a looping thread that
-                                # did not come back (its loop ended) while
-                                # callers wait: hand it over now rather than
-                                # at a waiter's timed wake-up.
-                                pool._hand_out_stranded(now)
-                        idle.append(slot)
-                        if not pool._fast:
-                            pool._settle()
-                        return
-        self._pool._release(self, ev)
+        try:
+            slot = self._slot
+            if ev is None and slot is not None and not slot.in_flight:  # _RELEASED is in flight
+                pool = self._pool
+                if pool._fast and slot.generation == pool._generation:
+                    now = _monotonic()
+                    if now < slot.expires:
+                        if not pool._waiters:
+                            # Fast path: a clean return while nobody waits.
+                            # Append first, then look for waiters and close()
+                            # (see "Locking").
+                            self._slot = _RELEASED
+                            slot.holder = None
+                            slot.returned = now
+                            pool._idle.append(slot)
+                            if pool._waiters or not pool._fast:
+                                pool._settle()
+                            return
+                        tls = pool._tls
+                        if slot.leased_at - tls.released < _LOOP_GAP and now < pool._overdue_at:
+                            # A thread in a loop (it asked for this lease right
+                            # after returning its previous one) keeps its
+                            # connector for its next lease while no waiter is
+                            # overdue ("Fairness"): idle, not handed over, so no
+                            # thread wake-up.  Inlined (no call, no exception):
+                            # with callers waiting this is the hot path.
+                            tls.released = now
+                            self._slot = _RELEASED
+                            slot.holder = None
+                            slot.returned = now
+                            idle = pool._idle
+                            if idle:
+                                try:
+                                    stale = now - idle[0].returned > _LOOP_GAP
+                                except IndexError:  # emptied since the test
+                                    stale = False
+                                if stale:
+                                    # A connector kept by a looping thread that
+                                    # did not come back (its loop ended) while
+                                    # callers wait: hand it over now rather than
+                                    # at a waiter's timed wake-up.
+                                    pool._hand_out_stranded(now)
+                            idle.append(slot)
+                            if not pool._fast:
+                                pool._settle()
+                            return
+            self._pool._release(self, ev)
+        except BaseException as e:
+            # Interrupted before the connector went back (the lease still
+            # points at it): give it back now.  The exception's traceback keeps
+            # this lease referenced, so the maintenance thread could not tell
+            # it from a lease still in use.  Past that point (the lease no
+            # longer points at it) the slot is found lost and recovered.
+            held = self._slot
+            if held is not None and held is not _RELEASED:
+                self._pool._release(self, ev if ev is not None else e)
+            raise
 
     def release(self, error: BaseException | None = None) -> None:
         """Return the connector.  Pass the exception that ended the work, if any."""
@@ -757,7 +769,6 @@ class ConnectionPool:
                 raise TypeError(f"connector_factory must be callable, got {connector_factory!r}")
             self._clone = connector_factory
 
-        from aperturedb_pool.retry import RetryPolicy, is_read_only
         self._is_read_only = is_read_only  # for query(): no import statement per call
         if retry is None:
             retry = RetryPolicy()
@@ -1641,7 +1652,7 @@ class ConnectionPool:
         return PooledConnector(self)
 
     def query(self, q: Any, blobs: Any = None, *, idempotent: bool | None = None,
-              timeout: float | None = None, retry: Any = None) -> Any:
+              timeout: float | None = None, retry: RetryPolicy | None = None) -> Any:
         """Run one query under the retry policy; returns what ``Connector.query`` returns.
 
         Each attempt leases a connector (bounded by the policy's remaining
@@ -1655,17 +1666,21 @@ class ConnectionPool:
         ``deadline`` bounds every attempt's exchange too.  Past either,
         ``QueryTimeout`` (an unknown outcome) and the connector is discarded.
         """
-        if idempotent is None:
-            idempotent = self._is_read_only(q)
-        blobs = [] if blobs is None else blobs
+        if blobs is None:
+            blobs = []
         qt = None if timeout is None else _check_duration("timeout", timeout, allow_zero=False)
-        # Each attempt is conn.query(q, blobs), run by _run_policy itself (no
-        # closure per call).
-        return self._run_policy(None, idempotent=idempotent, retry=retry,
-                                describe=lambda: _describe_query(q), q=q, blobs=blobs,
-                                attempt_timeout=qt)
+        policy = self.retry if retry is None else _check_policy(retry)
+        # The first attempt inline (see _retry_after); the query's idempotency
+        # is judged only if an attempt fails.
+        started = _monotonic()
+        try:
+            return self._attempt(started, policy.deadline, None, q, blobs, qt, idempotent, None)
+        except ConnectorError as e:
+            first = e
+        return self._retry_after(first, started, policy, None, idempotent, None, q, blobs, qt)
 
-    def run(self, fn: Callable[..., T], *args: Any, retry: Any = None, **kwargs: Any) -> T:
+    def run(self, fn: Callable[..., T], *args: Any, retry: RetryPolicy | None = None,
+            **kwargs: Any) -> T:
         """Run ``fn(conn, *args, **kwargs)`` with a leased connector, under the policy.
 
         The callable is retried after a transport failure only if it declares
@@ -1673,87 +1688,118 @@ class ConnectionPool:
         ``retry.idempotent`` decorator); a connect failure (nothing sent) is
         always retried.
         """
+        policy = self.retry if retry is None else _check_policy(retry)
         idem = bool(getattr(fn, "idempotent", False))
-        return self._run_policy(lambda conn: fn(conn, *args, **kwargs), idempotent=idem,
-                                retry=retry, describe=getattr(fn, "__name__", "callable"))
+        label = getattr(fn, "__name__", "callable")
 
-    def _run_policy(self, body: Callable[[Any], T] | None, *, idempotent: bool, retry: Any,
-                    describe: str | Callable[[], str], q: Any = None, blobs: Any = None,
-                    attempt_timeout: float | None = None) -> T:
-        # body None: each attempt is conn.query(q, blobs).
-        policy = self.retry if retry is None else retry
+        def body(conn: Any) -> T:
+            return fn(conn, *args, **kwargs)
 
-        def one_attempt(remaining: float | None) -> T:
-            started = _monotonic()
-            wait = self.timeout if remaining is None else max(0.0, min(self.timeout, remaining))
-            # The pool's Lease (its fast paths; a timing subclass when
-            # instrumented), released below on every path.
-            make = self._lease_type  # (see lease())
-            lease = make(self, wait)
-            try:
-                conn = lease.__enter__()
-            except PoolTimeout as e:
-                with self._lock:
-                    down = self._unreachable_since
-                    err = self._last_open_error
-                if down is not None:
-                    raise ServerUnreachable(
-                        f"pool {self.name!r}: the server has been unreachable for "
-                        f"{_monotonic() - down:.1f} s (last error: {err!r}); gave up at the "
-                        f"deadline. Check that the server is up and reachable") from e
+        started = _monotonic()
+        try:
+            return self._attempt(started, policy.deadline, body, None, None, None, idem, label)
+        except ConnectorError as e:
+            first = e
+        return self._retry_after(first, started, policy, body, idem, label, None, None, None)
+
+    def _retry_after(self, first: ConnectorError, started: float, policy: RetryPolicy,
+                     body: Callable[[Any], T] | None, idempotent: bool | None,
+                     label: str | None, q: Any, blobs: Any,
+                     attempt_timeout: float | None) -> T:
+        """After ``query()`` or ``run()`` made its first attempt (started at
+        ``started``) and it failed with ``first``: the rest under ``policy``, in
+        ``RetryPolicy.resume`` (tenacity's loop).
+
+        The first attempt is made inline by the callers: nothing is built for
+        a call that succeeds at once (no closure, no label, no idempotency
+        check), which is nearly every call.  ``body`` None: each attempt is
+        ``conn.query(q, blobs)``, ``idempotent`` None means "judge ``q``" and
+        the label is made from ``q``.
+        """
+        if idempotent is None:
+            idempotent = self._is_read_only(q)
+        idem = idempotent
+        describe: str | Callable[[], str] = (label if label is not None
+                                             else lambda: _describe_query(q))
+        try:
+            return policy.resume(
+                first,
+                lambda remaining: self._attempt(_monotonic(), remaining, body, q, blobs,
+                                                attempt_timeout, idem, label),
+                started=started, idempotent=idem, describe=describe, on_retry=self._on_retry)
+        except (ConnectorError, ServerUnreachable) as e:
+            self._count("give_ups")
+            if self._metrics is not None and isinstance(e, OutcomeUnknown) and not idem:
+                self._metrics.write_not_retried()
+            raise
+
+    def _attempt(self, started: float, remaining: float | None,
+                 body: Callable[[Any], T] | None, q: Any, blobs: Any,
+                 attempt_timeout: float | None, idempotent: bool | None,
+                 label: str | None) -> T:
+        """One attempt of ``query()``/``run()``: lease, run, give back (discarding on failure)."""
+        wait = self.timeout
+        if remaining is not None and remaining < wait:
+            wait = remaining if remaining > 0.0 else 0.0
+        # The pool's Lease (its fast paths; a timing subclass when
+        # instrumented), released below on every path.
+        make = self._lease_type  # (see lease())
+        lease = make(self, wait)
+        try:
+            conn = lease.__enter__()
+        except PoolTimeout as e:
+            with self._lock:
+                down = self._unreachable_since
+            if down is None:
                 raise
-            slot = lease._slot
-            phase = slot.phase if slot is not None and slot.tracked else None
-            # The policy's deadline (and the per-call timeout) bound the
-            # exchange itself, not only the wait for a connector: the
-            # connector's wrappers bound every read by it.  Cleared before the
-            # connector goes back: an interruption before the clearing skips
-            # the return too (the slot is then recovered, never reused with a
-            # stale deadline).
-            until = None if remaining is None else started + remaining
-            if attempt_timeout is not None:
-                own = _monotonic() + attempt_timeout
-                until = own if until is None else min(until, own)
+            # No connector because none could be opened: nothing was sent, a
+            # connect failure for the policy to retry until its deadline, when
+            # it raises ServerUnreachable (in one place: RetryPolicy.resume).
+            raise ConnectFailed(f"{e}; nothing was sent") from e
+        slot = lease._slot
+        phase = slot.phase if slot is not None and slot.tracked else None
+        # The policy's deadline (and the per-call timeout) bound the exchange
+        # itself, not only the wait for a connector: the connector's wrappers
+        # bound every read by it.  Cleared before the connector goes back: an
+        # interruption before the clearing skips the return too (the slot is
+        # then recovered, never reused with a stale deadline).
+        until = None if remaining is None else started + remaining
+        if attempt_timeout is not None:
+            own = _monotonic() + attempt_timeout
+            until = own if until is None else min(until, own)
+        if phase is not None:
+            # Far deadlines are watched by the background thread
+            # (_expire_overdue), near ones bound the socket (connectors).
+            phase.watched = True
+            phase.expired = False
+            phase.deadline = until
+        reached = phase.reached if phase is not None else 0
+        try:
+            result = conn.query(q, blobs) if body is None else body(conn)
+        except BaseException as e:
             if phase is not None:
-                # Far deadlines are watched by the background thread
-                # (_expire_overdue), near ones bound the socket (connectors).
-                phase.watched = True
-                phase.expired = False
-                phase.deadline = until
-            reached = phase.reached if phase is not None else 0
-            try:
-                result = conn.query(q, blobs) if body is None else body(conn)
-            except BaseException as e:
-                if phase is not None:
-                    phase.deadline = None
-                    phase.watched = False
-                lease.__exit__(type(e), e, None)  # counts an unknown outcome
-                if (isinstance(e, ConnectFailed) and not idempotent and phase is not None and
-                        phase.reached > reached):
+                phase.deadline = None
+                phase.watched = False
+            lease.__exit__(type(e), e, None)  # counts an unknown outcome
+            if isinstance(e, ConnectFailed) and phase is not None and phase.reached > reached:
+                if idempotent is None:
+                    idempotent = self._is_read_only(q)
+                if not idempotent:
                     # This query was not sent, but an earlier one of the same
                     # unit may have run: the unit as a whole must not be re-run.
+                    what = label if label is not None else _describe_query(q)
                     unknown = OutcomeUnknown(
-                        f"{describe if isinstance(describe, str) else describe()}: the "
-                        f"connection failed after an earlier query of this "
+                        f"{what}: the connection failed after an earlier query of this "
                         f"unit reached the server ({e}); the unit may have partly run, and is "
                         f"not re-run because it is not declared idempotent", query=e.query)
                     self._count("unknown_outcomes")
                     raise unknown from e
-                raise
-            if phase is not None:
-                phase.deadline = None
-                phase.watched = False
-            lease.__exit__(None, None, None)
-            return result
-
-        try:
-            return policy.call(one_attempt, idempotent=idempotent, describe=describe,
-                               on_retry=self._on_retry)
-        except (ConnectorError, ServerUnreachable) as e:
-            self._count("give_ups")
-            if self._metrics is not None and isinstance(e, OutcomeUnknown) and not idempotent:
-                self._metrics.write_not_retried()
             raise
+        if phase is not None:
+            phase.deadline = None
+            phase.watched = False
+        lease.__exit__(None, None, None)
+        return result
 
     def _on_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
         self._count("retries")
@@ -2179,6 +2225,13 @@ class ConnectionPool:
 def _handoff_share(threshold: float) -> float:
     # The oldest waiter's wait after which barging stops (see "Fairness").
     return max(_MIN_HANDOFF_AFTER, threshold * _HANDOFF_SHARE) if threshold > 0 else 0.0
+
+
+def _check_policy(retry: object) -> RetryPolicy:
+    if not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a RetryPolicy (or None for the pool's own), got "
+                        f"{retry!r}")
+    return retry
 
 
 def _describe_query(q: Any) -> str:

@@ -35,11 +35,19 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Final, TypeVar, cast
+from typing import Any, Callable, Final, TypeVar, cast
 
-from tenacity import Retrying, TryAgain, retry_if_exception, stop_after_attempt
+from tenacity import (
+    DoAttempt,
+    DoSleep,
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random_exponential,
+)
 from tenacity.stop import stop_base
-from tenacity.wait import wait_base
 
 from aperturedb_pool.errors import (
     ConnectFailed,
@@ -47,9 +55,6 @@ from aperturedb_pool.errors import (
     OutcomeUnknown,
     ServerUnreachable,
 )
-
-if TYPE_CHECKING:
-    from tenacity import RetryCallState
 
 __all__ = [
     "READ_ONLY_COMMANDS",
@@ -184,24 +189,30 @@ def idempotent(fn: F) -> F:
 # ---------------------------------------------------------------------------
 
 
-class FullJitterBackoff(wait_base):
-    """Exponential backoff with full jitter, as a tenacity wait strategy.
+class FullJitterBackoff(wait_random_exponential):
+    """tenacity's full-jitter wait (``wait_random_exponential``) with an optional seeded RNG.
 
     After the ``failures``-th consecutive failure the delay is drawn uniformly
-    from ``[0, min(max_delay, initial_delay * multiplier ** (failures - 1))]``.
-    Full jitter (rather than a fixed or "equal jitter" delay) spreads the
-    retries of many clients that failed at the same moment - a server restart
-    fails every pooled connection at once - so they do not come back in waves.
+    from ``[0, min(max_delay, initial_delay * multiplier ** (failures - 1))]``:
+    tenacity's ``wait_random_exponential(multiplier=initial_delay,
+    exp_base=multiplier, max=max_delay)``, whose ceiling (the exponential, its
+    overflow and its cap) this class inherits unchanged.  Full jitter (rather
+    than a fixed or "equal jitter" delay) spreads the retries of many clients
+    that failed at the same moment - a server restart fails every pooled
+    connection at once - so they do not come back in waves.
 
-    ``rng`` makes the draw reproducible in tests.  Without one the ``random``
-    module's shared generator is used: Python reseeds it in a forked child, so
-    pre-fork web server workers do not all draw the same delays.
+    The one addition is ``rng``: a ``random.Random`` makes the draw
+    reproducible in tests.  Without one the ``random`` module's shared
+    generator is used, as tenacity does: Python reseeds it in a forked child,
+    so pre-fork web server workers do not all draw the same delays.  The pool
+    uses the same class for its reconnect backoff (``reconnect_initial``,
+    ``reconnect_max``, doubling).
     """
 
     def __init__(self, initial_delay: float, multiplier: float, max_delay: float,
                  rng: random.Random | None = None) -> None:
+        super().__init__(multiplier=initial_delay, max=max_delay, exp_base=multiplier)
         self.initial_delay = initial_delay
-        self.multiplier = multiplier
         self.max_delay = max_delay
         self.rng = rng
 
@@ -209,13 +220,8 @@ class FullJitterBackoff(wait_base):
         """The largest delay :meth:`compute` can return after ``failures`` failures."""
         if failures < 1:
             raise ValueError(f"failures must be >= 1, got {failures!r}")
-        if self.initial_delay == 0 or self.max_delay == 0:
-            return 0.0
-        try:
-            grown = self.initial_delay * self.multiplier ** (failures - 1)
-        except OverflowError:  # the exponential passed the float range: it is capped anyway
-            return self.max_delay
-        return min(self.max_delay, grown)
+        return float(wait_exponential.__call__(self, cast("RetryCallState",
+                                                          _Failures(failures))))
 
     def compute(self, failures: int) -> float:
         """A jittered delay, in seconds, to wait after ``failures`` consecutive failures."""
@@ -231,7 +237,16 @@ class FullJitterBackoff(wait_base):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(initial_delay={self.initial_delay!r}, "
-                f"multiplier={self.multiplier!r}, max_delay={self.max_delay!r})")
+                f"multiplier={self.exp_base!r}, max_delay={self.max_delay!r})")
+
+
+class _Failures:
+    """The one field of a ``RetryCallState`` that tenacity's exponential reads."""
+
+    __slots__ = ("attempt_number",)
+
+    def __init__(self, attempt_number: int) -> None:
+        self.attempt_number = attempt_number
 
 
 class _StopAtDeadline(stop_base):
@@ -303,34 +318,12 @@ def _plural(n: int, word: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Internal signals passed through tenacity
-# ---------------------------------------------------------------------------
-
-
-class _DeadlinePassed(Exception):
-    """Raised instead of an attempt that would start after the deadline.
-
-    The stop strategy never schedules a sleep that ends after the deadline,
-    but a real ``time.sleep`` may overshoot; rather than hand ``fn`` a zero or
-    negative budget (a zero socket timeout means non-blocking), the call gives
-    up with the previous failure.
-    """
-
-
-class _Escaped(Exception):
-    """Carries an exception tenacity would otherwise act upon (``TryAgain``)."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__()
-        self.error = error
-
-
-_GAVE_UP: Final = object()
-
-
-# ---------------------------------------------------------------------------
 # The policy
 # ---------------------------------------------------------------------------
+
+
+def _stopped(_state: RetryCallState) -> None:
+    return None
 
 
 def _check_number(name: str, value: object) -> float:
@@ -483,55 +476,69 @@ class RetryPolicy:
           that is not idempotent is never re-sent.  Any other exception is
           left untouched.
         * when attempts or deadline run out, the last failure is raised with
-          ``attempts`` set to the earlier ones - except when every failure was
-          :class:`ConnectFailed` and the policy allows retries
-          (``max_attempts > 1``): then :class:`ServerUnreachable` is raised
-          from the last failure, its ``attempts`` holding every failure.
+          ``attempts`` set to the earlier ones - except when the last failure
+          was a :class:`ConnectFailed` (the server could not be reached at the
+          end) and the policy allows retries (``max_attempts > 1``): then
+          :class:`ServerUnreachable` is raised from the last failure, its
+          ``attempts`` holding every failure.
           With ``max_attempts == 1`` the ``ConnectFailed`` itself propagates.
         """
-        sleep_fn: Callable[[float], None] = sleep if sleep is not None else time.sleep
         clock_fn: Callable[[], float] = clock if clock is not None else time.monotonic
         started = clock_fn()
-        deadline_at = None if self.deadline is None else started + self.deadline
-        failures: list[ConnectorError] = []
-
-        # Fast path: most calls succeed at the first attempt, and building the
-        # tenacity machinery costs more than a whole query's client CPU.  The
-        # first attempt runs bare; after a retryable failure the failure is
-        # replayed as tenacity's first attempt, so the retry loop (stop, wait,
-        # retry condition, logging) is tenacity's alone.
+        # The first attempt runs bare: most calls succeed at once, and setting
+        # up tenacity's loop costs more than a whole query's client CPU.  Its
+        # failure is handed to resume(), which records it as tenacity's first
+        # attempt.
         try:
             return fn(self.deadline)
         except ConnectorError as exc:
-            failures.append(exc)
-            if self.max_attempts == 1 or not self.is_retryable(exc, idempotent=idempotent):
-                exc.attempts = []
-                _add_note(exc, self._not_retried_note(exc, idempotent,
-                                                      _scrub(_label(describe))))
-                raise
-            replay: list[ConnectorError] = [exc]
-        label = _scrub(_label(describe))
+            first = exc
+        return self.resume(first, fn, started=started, idempotent=idempotent,
+                           describe=describe, sleep=sleep, clock=clock_fn, rng=rng,
+                           on_retry=on_retry)
 
-        def attempt() -> T:
-            if replay:
-                raise replay.pop()
-            remaining = None if deadline_at is None else deadline_at - clock_fn()
-            if failures and remaining is not None and remaining <= 0:
-                raise _DeadlinePassed()
-            try:
-                return fn(remaining)
-            except ConnectorError as exc:
-                failures.append(exc)
-                raise
-            except TryAgain as exc:
-                # tenacity would retry a TryAgain whatever our predicate says.
-                raise _Escaped(exc) from None
+    def resume(
+        self,
+        first: ConnectorError,
+        fn: Callable[[float | None], T],
+        *,
+        started: float,
+        idempotent: bool,
+        describe: str | Callable[[], str] = "query",
+        sleep: Callable[[float], None] | None = None,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+        on_retry: Callable[[int, BaseException, float], None] | None = None,
+    ) -> T:
+        """Go on after a first attempt the caller ran itself, which failed with ``first``.
+
+        For callers whose first attempt is inlined (``ConnectionPool.query``
+        runs it without calling through this class): ``started`` is when that
+        attempt began, on ``clock``; the deadline counts from it.  The rest is
+        :meth:`call`'s contract: ``first`` is raised at once if the policy
+        does not retry it, otherwise ``fn(remaining)`` is attempted again.
+
+        The loop is tenacity's own: a ``Retrying`` with this policy's stop
+        (attempts, and the deadline on the injected clock), wait
+        (:class:`FullJitterBackoff`), retry predicate (:meth:`is_retryable`)
+        and ``before_sleep`` callback, driven through ``Retrying.iter`` with
+        ``first`` recorded as the outcome of attempt 1 (nothing is raised
+        twice).  Only :class:`ConnectorError` is handed to tenacity; anything
+        else ``fn`` raises (``KeyboardInterrupt``, tenacity's own ``TryAgain``)
+        propagates as itself.
+        """
+        clock_fn: Callable[[], float] = clock if clock is not None else time.monotonic
+        failures: list[ConnectorError] = [first]
+        if self.max_attempts == 1 or not self.is_retryable(first, idempotent=idempotent):
+            first.attempts = []
+            _add_note(first, self._not_retried_note(first, idempotent,
+                                                    _scrub(_label(describe))))
+            raise first
+        label = _scrub(_label(describe))
+        deadline_at = None if self.deadline is None else started + self.deadline
 
         def log_retry(retry_state: RetryCallState) -> None:
-            outcome = retry_state.outcome
-            exc = outcome.exception() if outcome is not None else None
-            if exc is None:  # pragma: no cover - tenacity only sleeps after a failure
-                return
+            exc = failures[-1]  # the outcome tenacity just judged retryable
             attempt_number = retry_state.attempt_number
             delay = float(retry_state.upcoming_sleep)
             if deadline_at is None:
@@ -548,46 +555,69 @@ class RetryPolicy:
         stop: stop_base = stop_after_attempt(self.max_attempts)
         if deadline_at is not None:
             stop = stop | _StopAtDeadline(deadline_at, clock_fn)
-
         retrying = Retrying(
-            sleep=sleep_fn,
+            sleep=sleep if sleep is not None else time.sleep,
             stop=stop,
             wait=self._wait(rng),
             retry=retry_if_exception(lambda exc: self.is_retryable(exc, idempotent=idempotent)),
             before_sleep=log_retry,
-            # Giving up is handled below, where the history is attached; the
-            # sentinel keeps tenacity's RetryError out of the traceback chain.
-            retry_error_callback=lambda _state: _GAVE_UP,
+            # Out of attempts or time: iter() returns this callback's None
+            # instead of raising tenacity's RetryError; handled below.
+            retry_error_callback=_stopped,
         )
+        retrying.begin()
+        state = RetryCallState(retrying, fn, (), {})
+        state.set_exception((type(first), first, first.__traceback__))
+        refused: ConnectorError | None = None
+        while True:
+            try:
+                action = retrying.iter(state)
+            except ConnectorError as exc:
+                # tenacity re-raises an outcome its retry predicate refused.
+                refused = exc
+                break
+            if isinstance(action, DoSleep):
+                state.prepare_for_next_attempt()
+                retrying.sleep(float(action))
+            elif isinstance(action, DoAttempt):
+                remaining = None if deadline_at is None else deadline_at - clock_fn()
+                if remaining is not None and remaining <= 0:
+                    # The stop never schedules a sleep past the deadline, but
+                    # a real sleep may overshoot: never hand ``fn`` a zero or
+                    # negative budget (a zero socket timeout means
+                    # non-blocking).  Give up with the previous failure.
+                    break
+                try:
+                    return fn(remaining)
+                except ConnectorError as exc:
+                    failures.append(exc)
+                    state.set_exception((type(exc), exc, exc.__traceback__))
+            else:
+                break  # the stop fired: _stopped's None
 
-        escaped: BaseException | None = None
-        outcome: object
-        try:
-            outcome = retrying(attempt)
-        except _DeadlinePassed:
-            outcome = _GAVE_UP
-        except _Escaped as signal:
-            escaped = signal.error
-        except ConnectorError as exc:
-            if failures and failures[-1] is exc:
-                exc.attempts = list(failures[:-1])
-                _add_note(exc, self._not_retried_note(exc, idempotent, label))
-            raise
-        if escaped is not None:
-            raise escaped  # outside the except block: its context stays its own
-        if outcome is not _GAVE_UP:
-            return cast(T, outcome)
-
-        # Out of attempts or out of time (raised here, outside any except
-        # block, so the error keeps its own __cause__ and __context__).
+        # Raised here, outside any except block, so the error keeps its own
+        # __cause__ and __context__.
+        if refused is not None:
+            refused.attempts = list(failures[:-1])
+            _add_note(refused, self._not_retried_note(refused, idempotent, label))
+            raise refused
         elapsed = clock_fn() - started
         last = failures[-1]
         last.attempts = list(failures[:-1])
         why = self._why_stopped(len(failures))
-        if self.max_attempts > 1 and all(isinstance(f, ConnectFailed) for f in failures):
+        if isinstance(last, ConnectFailed):
+            # The call ends because the server could not be reached.  The one
+            # place ServerUnreachable is raised (the pool's lease path reports
+            # a wait that ended while the server was down as a ConnectFailed,
+            # so it ends up here too).
+            trailing = 1  # the failures since the last one that was not a ConnectFailed
+            while trailing < len(failures) and isinstance(failures[-trailing - 1], ConnectFailed):
+                trailing += 1
+            tried = (_plural(trailing, "connection attempt") if trailing == len(failures) else
+                     f"{_plural(len(failures), 'attempt')} (the last {trailing} to connect)")
             raise ServerUnreachable(
                 f"{label}: could not reach the ApertureDB server: "
-                f"{_plural(len(failures), 'connection attempt')} failed in {elapsed:.2f} s "
+                f"{tried} failed in {elapsed:.2f} s "
                 f"({why}); last error: {_reason(last)}. Check that the server is running "
                 f"and reachable at the configured host and port (and not refusing "
                 f"connections); to keep trying longer, raise RetryPolicy.deadline "

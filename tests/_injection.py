@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import gc
 import os
 import sys
 import threading
@@ -224,7 +225,7 @@ class Scenario:
 
     # -- the traced thread ---------------------------------------------------
     def traced(self) -> None:
-        from aperturedb_pool import ConnectorError, ConnectorUnusable
+        from aperturedb_pool import ConnectFailed, ConnectorError, ConnectorUnusable, RetryPolicy
 
         pool = self.pool
         # 1. a lease; a query interrupted in it is caught and the caller asks again
@@ -244,6 +245,18 @@ class Scenario:
             self.expect(c.query(find(4))[0], 4, "pool.run")
 
         pool.run(unit)
+        # the policy's retry loop (RetryPolicy.resume, on tenacity): a unit
+        # whose first attempt fails before anything was sent, then runs
+        failed: list[int] = []
+
+        def retried(c: Any) -> None:
+            if not failed:
+                failed.append(1)
+                raise ConnectFailed("scripted: the first attempt failed; nothing was sent")
+            self.expect(c.query(find(9))[0], 9, "pool.run, retried")
+
+        pool.run(retried, retry=RetryPolicy(max_attempts=2, deadline=LEASE_TIMEOUT,
+                                            initial_delay=0.0))
         self.steps = 2
         # 3. this thread waits: a helper holds every connector, then returns one
         held = threading.Event()
@@ -278,15 +291,15 @@ class Scenario:
                 self.expect(c.query(find(6))[0], 6, "lease handed over")
 
         self._helper(waiter)
-        leases = [pool.lease(timeout=LEASE_TIMEOUT) for _ in range(self.max_size)]
-        conns = [lease.__enter__() for lease in leases]
-        try:
+        # Two with statements, not a list of leases exited in a finally: a
+        # list in this frame (kept alive by the exception's traceback through
+        # the checks) would hold a lease an interruption kept from being
+        # returned, as any caller's own reference does.
+        assert self.max_size == 2
+        with pool.lease(timeout=LEASE_TIMEOUT) as first, pool.lease(timeout=LEASE_TIMEOUT):
             asked.set()
             _until(lambda: pool._waiters, self.stop, LEASE_TIMEOUT)
-            self.expect(conns[0].query(find(7))[0], 7, "lease held while a caller waits")
-        finally:
-            for lease in reversed(leases):
-                lease.__exit__(None, None, None)
+            self.expect(first.query(find(7))[0], 7, "lease held while a caller waits")
         self.steps = 4
         # 5. a looping thread keeps its connector while a caller waits
         queued = threading.Event()
@@ -323,6 +336,12 @@ class Scenario:
         elif isinstance(outcome, BaseException) and not isinstance(
                 outcome, (Interrupt, SoftTimeLimit)) and not _expected_failure(outcome):
             found.append(f"the traced thread failed: {outcome!r}")
+        # The caller handled the interruption and moved on: its frames (and
+        # any lease they still referred to, as a caller's own variable does)
+        # are gone.  A lease nothing refers to any more must come back.
+        _forget_frames(outcome)
+        outcome = None
+        gc.collect()
         self.stop.set()
         for t in self.helpers:
             t.join(2 * LEASE_TIMEOUT)
@@ -366,6 +385,19 @@ class Scenario:
         finally:
             for lease in leases:
                 lease.release()
+
+
+def _forget_frames(outcome: Any) -> None:
+    """Drop the frames an exception (and those chained to it) keeps alive."""
+    seen: set[int] = set()
+    todo = [outcome]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__context__, e.__cause__, *getattr(e, "attempts", ())]
 
 
 def _expected_failure(e: BaseException) -> bool:

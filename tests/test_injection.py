@@ -32,6 +32,7 @@ from typing import Iterator  # noqa: E402
 
 import _injection as inj  # noqa: E402
 import pytest  # noqa: E402
+from _support import wait_until  # noqa: E402
 
 import aperturedb_pool.pool as pool_mod  # noqa: E402
 from aperturedb_pool.testing.server import EmbeddedServer  # noqa: E402
@@ -75,3 +76,43 @@ def test_an_exception_at_every_line_of_the_lease_paths_breaks_nothing(
     # Runs differ a little (thread timing): nearly every point is reached again.
     assert fired >= 0.95 * len(points), (fired, len(points))
     assert server.counters()["sharing_violations"] == 0
+
+
+def test_a_lease_interrupted_while_it_returns_gives_its_connector_back(
+        server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A caller that keeps the exception keeps the interrupted frames, and the
+    # lease with them (a REPL keeps the last traceback, a logger its
+    # exc_info): the maintenance thread cannot tell that lease from one in
+    # use.  Interrupted at any line of its return, before the connector went
+    # back, the lease gives it back itself; past that point the slot is found
+    # lost and replaced.  Either way every slot comes back.
+    monkeypatch.setattr(pool_mod, "_LOST_GRACE", 0.05)
+    code = pool_mod.Lease.__exit__.__code__
+    lines = {line for _, _, line in code.co_lines() if line is not None}
+    pool = inj.make_pool(server)
+    try:
+        def one() -> None:
+            with pool.lease(timeout=inj.LEASE_TIMEOUT) as conn:
+                assert inj.keys_of(conn.query(inj.find(1))[0]) == [1]
+
+        recorder = inj.Injector("lines")
+        recorder.run(one)
+        points = [p for p in recorder.seen
+                  if p[0] == code.co_filename and p[1] in lines and p[2] == "line"]
+        assert len(points) >= 5, points
+        kept = []
+        for point in points:
+            injector = inj.Injector("lines", point)
+            with pytest.raises(inj.Interrupt) as info:
+                injector.run(one)
+            assert injector.fired
+            kept.append(info.value)  # its traceback, and the lease, stay alive
+            # At once, or once the slot is declared lost (stats() recovers it).
+            wait_until(lambda: pool.stats().leased == 0, f"line {point[1]}'s slot back",
+                       timeout=3.0)
+        with pool.lease(timeout=1.0) as a, pool.lease(timeout=1.0) as b:
+            assert inj.keys_of(a.query(inj.find(2))[0]) == [2]
+            assert inj.keys_of(b.query(inj.find(3))[0]) == [3]
+        assert len(kept) == len(points)
+    finally:
+        pool.close()

@@ -1125,6 +1125,30 @@ def test_pool_run_retries_only_declared_idempotent_callables(make_pool: Any) -> 
     assert calls == [21, 21]
 
 
+def test_a_per_call_retry_that_is_not_a_policy_is_refused_by_name(make_pool: Any) -> None:
+    pool = make_pool()
+    for bad in (3, "no_retry", RetryPolicy):
+        with pytest.raises(TypeError, match=r"retry must be a RetryPolicy"):
+            pool.query([{"GetStatus": {}}], retry=bad)
+        with pytest.raises(TypeError, match=r"retry must be a RetryPolicy"):
+            pool.run(lambda conn: None, retry=bad)
+    assert pool.stats().leased == 0 and pool.query([{"GetStatus": {}}]) is not None
+
+
+def test_an_outage_without_retries_is_the_connect_failure_itself(make_pool: Any) -> None:
+    # no_retry: one attempt, and its precise error - the lease wait ended
+    # because no connector could be opened, nothing was sent.
+    flaky = Flaky()
+    flaky.down.set()
+    pool = make_pool(flaky, min_size=1, max_size=1, timeout=0.2, reconnect_initial=0.01,
+                     reconnect_max=0.05)
+    with pytest.raises(ConnectFailed) as info:
+        pool.query([{"GetStatus": {}}], retry=RetryPolicy.no_retry())
+    assert not isinstance(info.value, ServerUnreachable)
+    assert "unreachable" in str(info.value) and "nothing was sent" in str(info.value)
+    assert isinstance(info.value.__cause__, PoolTimeout)
+
+
 def test_pool_query_when_unreachable_fails_once_at_the_deadline(make_pool: Any) -> None:
     flaky = Flaky()
     flaky.down.set()

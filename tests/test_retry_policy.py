@@ -516,6 +516,22 @@ def test_persistent_connect_failures_raise_server_unreachable() -> None:
     assert "deadline" in message  # says what to change
 
 
+def test_a_call_that_ends_unable_to_connect_is_server_unreachable_with_all_failures() -> None:
+    # A read's connection dropped (retried), then the server could not be
+    # reached again: the call failed because the server is unreachable.
+    fake = FakeTime()
+    script = Script(fake, [QueryTimeout, OutcomeUnknown, ConnectFailed, ConnectFailed])
+    with pytest.raises(ServerUnreachable) as info:
+        run(RetryPolicy(max_attempts=4, deadline=None), script, idempotent=True)
+    assert info.value.attempts == script.raised
+    assert info.value.__cause__ is script.raised[-1]
+    assert "4 attempts (the last 2 to connect)" in str(info.value)
+    # A call whose last failure reached the server is not: its own error.
+    script = Script(fake, [ConnectFailed, ConnectFailed, QueryTimeout])
+    with pytest.raises(QueryTimeout):
+        run(RetryPolicy(max_attempts=3, deadline=None), script, idempotent=True)
+
+
 def test_server_unreachable_at_the_deadline() -> None:
     fake = FakeTime()
     policy = RetryPolicy(max_attempts=1000, deadline=5.0, initial_delay=0.1, max_delay=1.0)
