@@ -23,6 +23,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from aperturedb_pool import _validate
 from aperturedb_pool.connectors import default_template
 from aperturedb_pool.pool import ConnectionPool as _Pool
 
@@ -40,8 +41,7 @@ class ConnectionPool:
     def __init__(self, pool_size: int = 10,
                  connection_factory: Callable[[], Any] | None = None,
                  **options: Any) -> None:
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size <= 0:
-            raise ValueError(f"pool_size must be an int greater than 0, got {pool_size!r}")
+        _validate.integer("pool_size", pool_size, minimum=1)
         factory = connection_factory or default_template
         first = factory()
         if not first:

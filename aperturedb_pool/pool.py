@@ -216,6 +216,7 @@ from collections import deque
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
+from aperturedb_pool import _validate
 from aperturedb_pool import connectors as _connectors
 from aperturedb_pool.errors import (
     ConnectFailed,
@@ -567,33 +568,8 @@ class _ManualLease(Lease):
 
 def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
                     allow_zero: bool = True) -> float | None:
-    if value is None:
-        if allow_none:
-            return None
-        raise ValueError(f"{name} must be a number of seconds, got None")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    v = float(value)
-    if math.isnan(v) or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'positive' if not allow_zero else 'non-negative'} "
-                         f"number of seconds, got {value!r}")
-    return v
-
-
-def _finite(name: str, value: T) -> T:
-    # A fairness threshold of inf would let looping threads keep connectors
-    # for ever: waiters would be served only at their deadline.
-    if isinstance(value, float) and math.isinf(value):
-        raise ValueError(f"{name} must be a finite number of seconds, got {value!r} "
-                         f"(a large threshold such as 1.0 already lets loops keep "
-                         f"their connectors for long)")
-    return value
-
-
-def _required_duration(name: str, value: float, *, allow_zero: bool = True) -> float:
-    v = _check_duration(name, value, allow_none=False, allow_zero=allow_zero)
-    assert v is not None
-    return v
+    # (query() calls it by this name.)
+    return _validate.duration(name, value, optional=allow_none, allow_zero=allow_zero)
 
 
 class ConnectionPool:
@@ -683,32 +659,27 @@ class ConnectionPool:
                  open: bool = True, reconnect_initial: float = 0.05,
                  reconnect_max: float = 2.0,
                  connector_factory: Callable[[], Any] | None = None) -> None:
-        for pname, pval in (("min_size", min_size), ("max_size", max_size)):
-            if isinstance(pval, bool) or not isinstance(pval, int):
-                raise TypeError(f"{pname} must be an int, got {pval!r}")
-        if max_size < 1:
-            raise ValueError(f"max_size must be at least 1, got {max_size!r}")
-        if min_size < 0:
-            raise ValueError(f"min_size must be at least 0, got {min_size!r}")
+        _validate.integer("min_size", min_size, minimum=0, wrong_type=TypeError)
+        _validate.integer("max_size", max_size, minimum=1, wrong_type=TypeError)
         if min_size > max_size:
             raise ValueError(f"min_size ({min_size!r}) must not exceed max_size ({max_size!r})")
-        if max_waiting is not None and (isinstance(max_waiting, bool) or
-                                        not isinstance(max_waiting, int) or max_waiting < 0):
-            raise ValueError(f"max_waiting must be None or an int >= 0, got {max_waiting!r}")
-        self.timeout = _required_duration("timeout", timeout)
+        _validate.integer("max_waiting", max_waiting, minimum=0, optional=True)
+        self.timeout = _validate.duration("timeout", timeout, optional=False)
         self.max_lifetime = _check_duration("max_lifetime", max_lifetime, allow_zero=False)
         self.max_idle = _check_duration("max_idle", max_idle, allow_zero=False)
         self.keepalive_interval = _check_duration("keepalive_interval", keepalive_interval,
                                                   allow_zero=False)
         self.query_timeout = _check_duration("query_timeout", query_timeout, allow_zero=False)
-        self.connect_timeout = _required_duration("connect_timeout", connect_timeout,
+        self.connect_timeout = _validate.duration("connect_timeout", connect_timeout, optional=False,
                                                   allow_zero=False)
-        self.probe_after = _required_duration("probe_after", probe_after)
-        self.fairness_threshold = _finite(
-            "fairness_threshold", _required_duration("fairness_threshold", fairness_threshold))
-        self.cpu_bound_fairness_threshold = _finite(
-            "cpu_bound_fairness_threshold",
-            _check_duration("cpu_bound_fairness_threshold", cpu_bound_fairness_threshold))
+        self.probe_after = _validate.duration("probe_after", probe_after, optional=False)
+        # A fairness threshold of inf would let looping threads keep
+        # connectors for ever: waiters would be served only at their deadline.
+        hint = "a large threshold such as 1.0 already lets loops keep their connectors for long"
+        self.fairness_threshold = _validate.duration(
+            "fairness_threshold", fairness_threshold, optional=False, finite=True, hint=hint)
+        self.cpu_bound_fairness_threshold = _validate.duration(
+            "cpu_bound_fairness_threshold", cpu_bound_fairness_threshold, finite=True, hint=hint)
         # Barging stops once the oldest waiter has waited _handoff_after; the
         # rest of the threshold is the margin for the hand-off itself (the
         # wait for the next return and the woken thread's wake-up).  Which of
@@ -724,21 +695,19 @@ class ConnectionPool:
         self._cpu_window_max = max(_CPU_WINDOW_MAX, 2.0 * longer)
         self.leak_threshold = _check_duration("leak_threshold", leak_threshold,
                                               allow_zero=False)
-        self.reconnect_initial = _required_duration("reconnect_initial", reconnect_initial,
+        self.reconnect_initial = _validate.duration("reconnect_initial", reconnect_initial, optional=False,
                                                     allow_zero=False)
-        self.reconnect_max = _required_duration("reconnect_max", reconnect_max,
+        self.reconnect_max = _validate.duration("reconnect_max", reconnect_max, optional=False,
                                                 allow_zero=False)
         if tcp_keepalive is not None:
             if len(tcp_keepalive) != 3:
                 raise ValueError("tcp_keepalive must be None or (idle seconds, interval seconds, "
                                  f"probe count), got {tcp_keepalive!r}")
-            _check_duration("tcp_keepalive[0] (idle)", tcp_keepalive[0], allow_none=False,
-                            allow_zero=False)
-            _check_duration("tcp_keepalive[1] (interval)", tcp_keepalive[1],
-                            allow_none=False, allow_zero=False)
-            if not isinstance(tcp_keepalive[2], int) or tcp_keepalive[2] < 1:
-                raise ValueError(f"tcp_keepalive[2] (probe count) must be an int >= 1, "
-                                 f"got {tcp_keepalive[2]!r}")
+            _validate.duration("tcp_keepalive[0] (idle)", tcp_keepalive[0], optional=False,
+                               allow_zero=False)
+            _validate.duration("tcp_keepalive[1] (interval)", tcp_keepalive[1],
+                               optional=False, allow_zero=False)
+            _validate.integer("tcp_keepalive[2] (probe count)", tcp_keepalive[2], minimum=1)
             tcp_keepalive = (float(tcp_keepalive[0]), float(tcp_keepalive[1]),
                              int(tcp_keepalive[2]))
         self.tcp_keepalive = tcp_keepalive
@@ -909,7 +878,7 @@ class ConnectionPool:
         Waits up to ``timeout`` seconds (default: the pool's ``timeout``).
         """
         if timeout is not None:
-            _required_duration("timeout", timeout)
+            _validate.duration("timeout", timeout, optional=False)
         # Read, then called: ``self._lease_type(...)`` would be a method-call
         # lookup that CPython 3.11 cannot specialize for a class held in an
         # attribute (about 25 ns per lease).
@@ -924,7 +893,7 @@ class ConnectionPool:
         without release is reclaimed (its connector closed) with a ResourceWarning.
         """
         if timeout is not None:
-            _required_duration("timeout", timeout)
+            _validate.duration("timeout", timeout, optional=False)
         lease = _ManualLease(self, timeout)
         try:
             self._acquire(lease)
@@ -949,7 +918,7 @@ class ConnectionPool:
             raise LeaseError("this lease is already acquired; use a new pool.lease()")
         start = _monotonic()
         timeout = (self.timeout if lease._timeout is None else
-                   _required_duration("timeout", lease._timeout))
+                   _validate.duration("timeout", lease._timeout, optional=False))
         # One absolute deadline for the whole acquisition: a connector that
         # turns out unusable after a wait is replaced within the same time.
         deadline = start + timeout
