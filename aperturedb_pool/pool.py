@@ -218,6 +218,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from aperturedb_pool import _validate
 from aperturedb_pool import connectors as _connectors
+from aperturedb_pool._options import PoolOptions
 from aperturedb_pool.errors import (
     ConnectFailed,
     ConnectorError,
@@ -659,27 +660,37 @@ class ConnectionPool:
                  open: bool = True, reconnect_initial: float = 0.05,
                  reconnect_max: float = 2.0,
                  connector_factory: Callable[[], Any] | None = None) -> None:
-        _validate.integer("min_size", min_size, minimum=0, wrong_type=TypeError)
-        _validate.integer("max_size", max_size, minimum=1, wrong_type=TypeError)
-        if min_size > max_size:
-            raise ValueError(f"min_size ({min_size!r}) must not exceed max_size ({max_size!r})")
-        _validate.integer("max_waiting", max_waiting, minimum=0, optional=True)
-        self.timeout = _validate.duration("timeout", timeout, optional=False)
-        self.max_lifetime = _check_duration("max_lifetime", max_lifetime, allow_zero=False)
-        self.max_idle = _check_duration("max_idle", max_idle, allow_zero=False)
-        self.keepalive_interval = _check_duration("keepalive_interval", keepalive_interval,
-                                                  allow_zero=False)
-        self.query_timeout = _check_duration("query_timeout", query_timeout, allow_zero=False)
-        self.connect_timeout = _validate.duration("connect_timeout", connect_timeout, optional=False,
-                                                  allow_zero=False)
-        self.probe_after = _validate.duration("probe_after", probe_after, optional=False)
-        # A fairness threshold of inf would let looping threads keep
-        # connectors for ever: waiters would be served only at their deadline.
-        hint = "a large threshold such as 1.0 already lets loops keep their connectors for long"
-        self.fairness_threshold = _validate.duration(
-            "fairness_threshold", fairness_threshold, optional=False, finite=True, hint=hint)
-        self.cpu_bound_fairness_threshold = _validate.duration(
-            "cpu_bound_fairness_threshold", cpu_bound_fairness_threshold, finite=True, hint=hint)
+        # Every option is checked (and normalized) by PoolOptions, which
+        # config.py uses too.
+        o = PoolOptions(
+            min_size=min_size, max_size=max_size, timeout=timeout, max_waiting=max_waiting,
+            max_lifetime=max_lifetime, max_idle=max_idle, keepalive_interval=keepalive_interval,
+            tcp_keepalive=tcp_keepalive, query_timeout=query_timeout,
+            connect_timeout=connect_timeout, probe_after=probe_after,
+            fairness_threshold=fairness_threshold,
+            cpu_bound_fairness_threshold=cpu_bound_fairness_threshold,
+            leak_threshold=leak_threshold, check_ownership=check_ownership, retry=retry,
+            reconnect_initial=reconnect_initial, reconnect_max=reconnect_max)
+        self._options = o
+        # Plain instance attributes (the lease paths read some of them).
+        self.min_size = o.min_size
+        self.max_size = o.max_size
+        self.max_waiting = o.max_waiting
+        self.timeout = o.timeout
+        self.max_lifetime = o.max_lifetime
+        self.max_idle = o.max_idle
+        self.keepalive_interval = o.keepalive_interval
+        self.tcp_keepalive = o.tcp_keepalive
+        self.query_timeout = o.query_timeout
+        self.connect_timeout = o.connect_timeout
+        self.probe_after = o.probe_after
+        self.fairness_threshold = o.fairness_threshold
+        self.cpu_bound_fairness_threshold = o.cpu_bound_fairness_threshold
+        self.leak_threshold = o.leak_threshold
+        self.check_ownership = o.check_ownership
+        self.retry = o.retry_policy
+        self.reconnect_initial = o.reconnect_initial
+        self.reconnect_max = o.reconnect_max
         # Barging stops once the oldest waiter has waited _handoff_after; the
         # rest of the threshold is the margin for the hand-off itself (the
         # wait for the next return and the woken thread's wake-up).  Which of
@@ -693,24 +704,6 @@ class ConnectionPool:
         # about every _handoff_cpu_bound: a gap of twice the longer threshold
         # (or a second) means contention stopped.
         self._cpu_window_max = max(_CPU_WINDOW_MAX, 2.0 * longer)
-        self.leak_threshold = _check_duration("leak_threshold", leak_threshold,
-                                              allow_zero=False)
-        self.reconnect_initial = _validate.duration("reconnect_initial", reconnect_initial, optional=False,
-                                                    allow_zero=False)
-        self.reconnect_max = _validate.duration("reconnect_max", reconnect_max, optional=False,
-                                                allow_zero=False)
-        if tcp_keepalive is not None:
-            if len(tcp_keepalive) != 3:
-                raise ValueError("tcp_keepalive must be None or (idle seconds, interval seconds, "
-                                 f"probe count), got {tcp_keepalive!r}")
-            _validate.duration("tcp_keepalive[0] (idle)", tcp_keepalive[0], optional=False,
-                               allow_zero=False)
-            _validate.duration("tcp_keepalive[1] (interval)", tcp_keepalive[1],
-                               optional=False, allow_zero=False)
-            _validate.integer("tcp_keepalive[2] (probe count)", tcp_keepalive[2], minimum=1)
-            tcp_keepalive = (float(tcp_keepalive[0]), float(tcp_keepalive[1]),
-                             int(tcp_keepalive[2]))
-        self.tcp_keepalive = tcp_keepalive
 
         if template is None and connector_factory is None:
             template = _connectors.default_template()
@@ -726,18 +719,8 @@ class ConnectionPool:
                 raise TypeError(f"connector_factory must be callable, got {connector_factory!r}")
             self._clone = connector_factory
 
-        from aperturedb_pool.retry import RetryPolicy, is_read_only
+        from aperturedb_pool.retry import is_read_only
         self._is_read_only = is_read_only  # for query(): no import statement per call
-        if retry is None:
-            retry = RetryPolicy()
-        elif not isinstance(retry, RetryPolicy):
-            raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
-        self.retry = retry
-
-        self.min_size = min_size
-        self.max_size = max_size
-        self.max_waiting = max_waiting
-        self.check_ownership = bool(check_ownership)
         # True when leases need no per-lease extras (ownership check, leak
         # tracking): the Lease fast paths apply.  Disabled features cost nothing.
         self._plain = not self.check_ownership and self.leak_threshold is None
