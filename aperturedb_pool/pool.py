@@ -218,6 +218,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from aperturedb_pool import _validate
 from aperturedb_pool import connectors as _connectors
+from aperturedb_pool._fairness import FairnessPolicy
 from aperturedb_pool._options import PoolOptions
 from aperturedb_pool.errors import (
     ConnectFailed,
@@ -241,17 +242,9 @@ logger = logging.getLogger("aperturedb_pool")
 T = TypeVar("T")
 
 _monotonic = time.monotonic
-_MIN_HANDOFF_AFTER = 0.001
 _MAX_PARALLEL_OPENS = 2
 _LOOP_GAP = 0.001  # a thread asking again within this of its last return loops
-_HANDOFF_SHARE = 0.6  # of fairness_threshold: barging stops when the oldest waited this
-# CPU-bound detection (see "Fairness"): the process's CPU time over wall time,
-# sampled at hand-offs at most every _CPU_WINDOW seconds; a window longer than
-# _CPU_WINDOW_MAX (contention came back after a quiet spell) decides nothing.
-_CPU_WINDOW = 0.1
-_CPU_WINDOW_MAX = 1.0
-_CPU_BOUND_ENTER = 0.85  # cores: the GIL is (nearly) always held
-_CPU_BOUND_LEAVE = 0.65
+# CPU-bound detection (see "Fairness" and aperturedb_pool._fairness).
 _process_time = time.process_time  # replaced by tests
 # A slot out of the pool with no holder pointing back at it for this long was
 # lost to an interruption (see "Interruptions"; tests shorten it).
@@ -691,19 +684,9 @@ class ConnectionPool:
         self.retry = o.retry_policy
         self.reconnect_initial = o.reconnect_initial
         self.reconnect_max = o.reconnect_max
-        # Barging stops once the oldest waiter has waited _handoff_after; the
-        # rest of the threshold is the margin for the hand-off itself (the
-        # wait for the next return and the woken thread's wake-up).  Which of
-        # the two applies is decided by _sample_cpu.
-        longer = self.fairness_threshold
-        if self.cpu_bound_fairness_threshold is not None and self.fairness_threshold > 0:
-            longer = max(self.fairness_threshold, self.cpu_bound_fairness_threshold)
-        self._handoff_normal = _handoff_share(self.fairness_threshold)
-        self._handoff_cpu_bound = _handoff_share(longer)
-        # While CPU-bound, hand-offs (where samples are taken) come at least
-        # about every _handoff_cpu_bound: a gap of twice the longer threshold
-        # (or a second) means contention stopped.
-        self._cpu_window_max = max(_CPU_WINDOW_MAX, 2.0 * longer)
+        # When barging stops, and whether the process is CPU-bound (guarded
+        # by _lock; see aperturedb_pool._fairness).
+        self._fair = FairnessPolicy(o.fairness_threshold, o.cpu_bound_fairness_threshold)
 
         if template is None and connector_factory is None:
             template = _connectors.default_template()
@@ -753,12 +736,8 @@ class ConnectionPool:
         # it.  Rewritten under the lock by _queue_changed after every change
         # of _waiters; the fast paths read it without the lock (see "Locking").
         self._overdue_at = math.inf
-        # Fairness under CPU-bound load (_sample_cpu): which threshold
-        # applies, and the last (wall, process CPU) sample.
-        self._handoff_after = self._handoff_normal
-        self._cpu_bound = False
-        self._cpu_mark: tuple[float, float] | None = None
-        self._cpu_next = 0.0
+        # Fairness under CPU-bound load (_sample_cpu): no sample, no verdict.
+        self._fair.reset()
         self._cpu_note: tuple[bool, float] | None = None  # a change to log
         self._all: set[_Slot] = set()  # every live slot: idle, leased, being pinged
         self._size = 0  # == len(self._all)
@@ -786,7 +765,7 @@ class ConnectionPool:
             leases_waited=0, wait_time_total=0.0, wait_time_max=0.0,
             timeouts=0, rejected_waiters=0, connectors_opened=0, connectors_closed=0,
             keepalive_pings=0, probes=0, refill_failures=0, retries=0, give_ups=0,
-            unknown_outcomes=0, leaks_reported=0, cpu_bound_seconds=0.0)
+            unknown_outcomes=0, leaks_reported=0)
         self._discarded: dict[str, int] = {}
         self._shared_data_override: Any = None
         # Leases granted: this plus the live slots' ``uses`` (a dropped slot's
@@ -1164,7 +1143,7 @@ class ConnectionPool:
         # the request at the earliest), catches a connector left idle by
         # looping threads that did not come back (their loops ended); each
         # wake-up costs a thread switch, so later ones back off.
-        ha = self._handoff_after
+        ha = self._fair.handoff_after
         slice_ = max(0.005, start + ha + 0.001 - _monotonic())
         while True:
             left = deadline - _monotonic()
@@ -1229,7 +1208,7 @@ class ConnectionPool:
     def _queue_changed(self) -> None:
         # Under the lock, after every change of _waiters.
         waiters = self._waiters
-        self._overdue_at = waiters[0].since + self._handoff_after if waiters else math.inf
+        self._overdue_at = waiters[0].since + self._fair.handoff_after if waiters else math.inf
 
     def _timeout_message(self, timeout: float) -> str:
         # Called under the lock.
@@ -1268,7 +1247,8 @@ class ConnectionPool:
         waiter = self._waiters.popleft()
         self._queue_changed()
         now = _monotonic()
-        if now >= self._cpu_next and self._handoff_cpu_bound != self._handoff_normal:
+        fair = self._fair
+        if now >= fair.next_sample and fair.detects:
             self._sample_cpu(now)
         waiter.waited = now - waiter.since
         self._count_wait(waiter.waited)
@@ -1278,33 +1258,32 @@ class ConnectionPool:
 
     def _sample_cpu(self, now: float) -> None:
         # Under the lock, at a hand-off (so only under contention), at most
-        # every _CPU_WINDOW: is the process CPU-bound?  Then each hand-off's
+        # every CPU_WINDOW: is the process CPU-bound?  Then each hand-off's
         # thread switch costs every thread throughput, and the longer
         # threshold applies (see "Fairness").
-        cpu = _process_time()
-        mark, self._cpu_mark = self._cpu_mark, (now, cpu)
-        self._cpu_next = now + _CPU_WINDOW
-        if mark is None:
-            return
-        span = now - mark[0]
-        if span > self._cpu_window_max:
-            bound = False  # a quiet spell in the window: start over, fair
-        else:
-            if self._cpu_bound:  # the longer threshold applied in this window
-                self._c["cpu_bound_seconds"] += span
-            busy = (cpu - mark[1]) / span
-            bound = busy >= (_CPU_BOUND_LEAVE if self._cpu_bound else _CPU_BOUND_ENTER)
-        if bound != self._cpu_bound:
-            self._set_cpu_bound(bound)
+        if self._fair.sample(now, _process_time()):
+            self._verdict_changed()
 
     def _set_cpu_bound(self, bound: bool) -> None:
-        # Under the lock.  The background thread logs the change (no logging
-        # under the lock: a slow handler would stall every lease).
-        self._cpu_bound = bound
-        self._handoff_after = self._handoff_cpu_bound if bound else self._handoff_normal
+        # Under the lock.
+        self._fair.set_cpu_bound(bound)
+        self._verdict_changed()
+
+    def _verdict_changed(self) -> None:
+        # Under the lock: the threshold in force changed.  The background
+        # thread logs the change (no logging under the lock: a slow handler
+        # would stall every lease).
         self._queue_changed()
-        self._cpu_note = (bound, self._handoff_after)
+        self._cpu_note = (self._fair.cpu_bound, self._fair.handoff_after)
         self._bg_wakeup.set()
+
+    @property
+    def _handoff_after(self) -> float:
+        return self._fair.handoff_after
+
+    @property
+    def _cpu_bound(self) -> bool:
+        return self._fair.cpu_bound
 
     def _log_cpu_note(self) -> None:
         with self._lock:
@@ -1315,12 +1294,9 @@ class ConnectionPool:
                          "the process is no longer CPU-bound", note[1] * 1e3)
 
     def _forget_stale_cpu_bound(self, now: float) -> None:
-        # Under the lock: a CPU-bound verdict whose last sample (taken at
-        # hand-offs) is older than _cpu_window_max (contention stopped) says
-        # nothing about now.
-        mark = self._cpu_mark
-        if self._cpu_bound and (mark is None or now - mark[0] > self._cpu_window_max):
-            self._set_cpu_bound(False)
+        # Under the lock: contention starts again, or stats are read.
+        if self._fair.forget_stale(now):
+            self._verdict_changed()
 
     def _count_wait(self, waited: float) -> None:
         # Under the lock.
@@ -1557,6 +1533,8 @@ class ConnectionPool:
         with self._lock:
             self._forget_stale_cpu_bound(_monotonic())
             c = dict(self._c)
+            fair = self._fair
+            c["cpu_bound_seconds"] = fair.bound_seconds
             uses = sum(s.uses for s in self._all)
             c["leases_granted"] = self._granted_base + uses
             s = PoolStats(
@@ -1564,10 +1542,11 @@ class ConnectionPool:
                 size=self._size, idle=len(self._idle), leased=self._leased_count(),
                 waiting=len(self._waiters), opening=self._opening,
                 discarded=dict(self._discarded), generation=self._generation,
-                cpu_bound=self._cpu_bound, handoff_after=self._handoff_after, **c)
+                cpu_bound=fair.cpu_bound, handoff_after=fair.handoff_after, **c)
             if reset:
                 for k in self._c:
                     self._c[k] = 0.0 if isinstance(self._c[k], float) else 0
+                fair.bound_seconds = 0.0
                 self._discarded = {}
                 self._granted_base = -uses
                 if self._metrics is not None:
@@ -2126,11 +2105,6 @@ class ConnectionPool:
             self._opening = self._open_requests = self.min_size
             # The background thread starts on first use (starting threads
             # inside an at-fork hook is not safe).
-
-
-def _handoff_share(threshold: float) -> float:
-    # The oldest waiter's wait after which barging stops (see "Fairness").
-    return max(_MIN_HANDOFF_AFTER, threshold * _HANDOFF_SHARE) if threshold > 0 else 0.0
 
 
 def _describe_query(q: Any) -> str:

@@ -331,7 +331,7 @@ class PoolMachine(RuleBasedStateMachine):
         with p._lock:
             # A fresh sample, so that the verdict holds until time passes
             # (a verdict without one lapses at the next stats()).
-            p._cpu_mark = (pool_mod._monotonic(), 0.0)
+            p._fair.mark = (pool_mod._monotonic(), 0.0)
             p._set_cpu_bound(bound)
             queue = p._waiters
             got = p._overdue_at

@@ -1789,7 +1789,7 @@ def test_cpu_bound_detection_has_hysteresis_and_forgets_quiet_spells(
     assert sample(1.0) == (True, 0.3)
     # No sample for longer than the window allows (contention stopped): the
     # verdict lapses.
-    clock.advance(pool._cpu_window_max + 0.1)
+    clock.advance(pool._fair.window_max + 0.1)
     s = pool.stats()
     assert (s.cpu_bound, round(s.handoff_after, 6)) == (False, 0.012)
     assert s.cpu_bound_seconds == pytest.approx(0.2)
