@@ -44,3 +44,31 @@ def tls_server_naming(hostname: str, tmp_path: Path) -> Iterator[tuple[Any, str]
     ca.cert_pem.write_to_path(cafile)
     with EmbeddedServer(tls=True, certfile=certfile, keyfile=keyfile) as server:
         yield server, cafile
+
+
+# The modules of the pool that read the clock as a module global ``_monotonic``
+# (the lease hot path reads a global: no indirection to replace it by).
+POOL_CLOCK_MODULES = ("aperturedb_pool.pool", "aperturedb_pool._lease",
+                      "aperturedb_pool._maintenance")
+
+
+def swap_pool_clock(clock: Callable[[], float]) -> Callable[[], None]:
+    """Make the pool read ``clock`` for ``time.monotonic``; returns the undo."""
+    import importlib
+
+    mods = [importlib.import_module(m) for m in POOL_CLOCK_MODULES]
+    saved = [m._monotonic for m in mods]  # type: ignore[attr-defined]
+    for m in mods:
+        m._monotonic = clock  # type: ignore[attr-defined]
+
+    def undo() -> None:
+        for m, old in zip(mods, saved, strict=True):
+            m._monotonic = old  # type: ignore[attr-defined]
+
+    return undo
+
+
+def set_pool_clock(monkeypatch: Any, clock: Callable[[], float]) -> None:
+    """``swap_pool_clock`` undone by pytest's ``monkeypatch`` at the test's end."""
+    for name in POOL_CLOCK_MODULES:
+        monkeypatch.setattr(f"{name}._monotonic", clock)

@@ -33,7 +33,7 @@ from typing import Iterator  # noqa: E402
 import _injection as inj  # noqa: E402
 import pytest  # noqa: E402
 
-import aperturedb_pool.pool as pool_mod  # noqa: E402
+import aperturedb_pool._maintenance as maintenance_mod  # noqa: E402
 from aperturedb_pool.testing.server import EmbeddedServer  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def test_an_exception_at_every_line_of_the_lease_paths_breaks_nothing(
         caplog: pytest.LogCaptureFixture) -> None:
     # A slot lost to an interruption is declared lost after this long (1 s in
     # production); every run recovers well within the checks' 5 s.
-    monkeypatch.setattr(pool_mod, "_LOST_GRACE", 0.05)
+    monkeypatch.setattr(maintenance_mod, "_LOST_GRACE", 0.05)
     caplog.set_level(logging.CRITICAL, logger="aperturedb_pool")
     recorder = inj.Injector("lines")
     assert inj.run_once(server, recorder) == []

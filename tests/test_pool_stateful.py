@@ -5,7 +5,7 @@ returns after a query failed inside the lease (connector discarded), after a
 KeyboardInterrupt inside a query (discarded), after an exception in the
 caller's own code between queries (kept), explicit discards, queries on held
 connectors, waiter threads with short timeouts, ``retire_all()``, ``close()``
-and time passing (a shifted clock injected as ``aperturedb_pool.pool._monotonic``:
+and time passing (a shifted clock injected as the pool modules' ``_monotonic``:
 lifetimes, idle shrinking and keepalive pings happen without sleeping).
 
 Invariants checked after every step:
@@ -44,6 +44,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+import aperturedb_pool._maintenance as maintenance_mod
 import aperturedb_pool.pool as pool_mod
 from aperturedb_pool import ConnectionPool, PoolClosed, PoolTimeout
 
@@ -115,8 +116,7 @@ class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = ShiftedClock()
-        self._saved_clock = pool_mod._monotonic
-        pool_mod._monotonic = self.clock
+        self._restore_clock = _support.swap_pool_clock(self.clock)
         self.template = StandIn()
         self.pool: ConnectionPool | None = None
         self.held: dict[int, Held] = {}          # my leases, by id(conn)
@@ -365,7 +365,8 @@ class PoolMachine(RuleBasedStateMachine):
         opened = s.connectors_opened
         # Clones not yet counted as opened are opens in flight: at most one
         # per opener thread.
-        assert opened <= len(self.template.clones) <= opened + pool_mod._MAX_PARALLEL_OPENS
+        assert (opened <= len(self.template.clones) <=
+                opened + maintenance_mod._MAX_PARALLEL_OPENS)
         dropped = sum(s.discarded.values())
         if self.closed:
             assert opened >= s.size + dropped
@@ -404,7 +405,7 @@ class PoolMachine(RuleBasedStateMachine):
                 wait_until(lambda: self.p.stats().connectors_closed ==
                            self.p.stats().connectors_opened, "closed == opened")
         finally:
-            pool_mod._monotonic = self._saved_clock
+            self._restore_clock()
 
 
 PoolMachine.TestCase.settings = settings(

@@ -5,7 +5,8 @@ skips its socket probe for it.  Synchronisation uses events and the pool's own
 state; the only polling is ``wait_until`` on effects of the pool's background
 thread (opening and closing connectors), which has no hook to wait on.
 Time-dependent rules (lifetime, idle shrink, keepalive) run on a shifted
-clock injected as ``aperturedb_pool.pool._monotonic``, so nothing sleeps for
+clock injected as the pool modules' ``_monotonic`` (``_support.set_pool_clock``),
+so nothing sleeps for
 them.
 """
 
@@ -26,6 +27,7 @@ from typing import Any, Callable
 import _support
 import pytest
 
+import aperturedb_pool._lease as lease_mod
 import aperturedb_pool.pool as pool_mod
 from aperturedb_pool import (
     ConnectFailed,
@@ -213,14 +215,14 @@ def make_pool(template: StandIn) -> Any:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> ShiftedClock:
     c = ShiftedClock()
-    monkeypatch.setattr(pool_mod, "_monotonic", c)
+    _support.set_pool_clock(monkeypatch, c)
     return c
 
 
 @pytest.fixture
 def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> FrozenClock:
     c = FrozenClock()
-    monkeypatch.setattr(pool_mod, "_monotonic", c)
+    _support.set_pool_clock(monkeypatch, c)
     return c
 
 
@@ -236,7 +238,7 @@ def cpu_clock(frozen_clock: FrozenClock, monkeypatch: pytest.MonkeyPatch) -> dic
         busy["at"] = now
         return busy["cpu"]
 
-    monkeypatch.setattr(pool_mod, "_process_time", process_time)
+    monkeypatch.setattr(lease_mod, "_process_time", process_time)
     return busy
 
 
@@ -1806,7 +1808,7 @@ def test_cpu_bound_stretch_can_be_turned_off(
         options: dict[str, Any]) -> None:
     # None turns it off, strict first come first served (0) is kept under
     # load too, and a value below fairness_threshold never shortens it.
-    monkeypatch.setattr(pool_mod, "_process_time", clock)  # always 1 core busy
+    monkeypatch.setattr(lease_mod, "_process_time", clock)  # always 1 core busy
     pool = make_pool(min_size=1, max_size=1, timeout=JOIN, **options)
     before = pool.stats().handoff_after
     for _ in range(3):
