@@ -214,7 +214,7 @@ import time
 import traceback
 from collections import deque
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Generic
 
 from aperturedb_pool import _validate
 from aperturedb_pool import connectors as _connectors
@@ -271,6 +271,19 @@ class DiscardReason(str, Enum):
     RECLAIMED = "reclaimed"  # an acquire() lease dropped without release()
     LOST = "lost"  # left in no one's hands by an interruption
     FOREIGN = "foreign"  # leased before a fork, or reclaimed (not counted)
+
+
+def return_health(slot: _Slot, error: BaseException | None) -> DiscardReason | None:
+    """Health on return: a connector whose query was interrupted (an answer
+    may still come), or that failed in a way the pool cannot observe, or
+    whose socket shows a problem after an error, is discarded.  (The fast
+    return, taken only without an error, inlines it as ``not slot.in_flight``.)"""
+    if slot.in_flight or (error is not None and not slot.tracked):
+        return DiscardReason.INTERRUPTED if error is not None else DiscardReason.BROKEN
+    if error is not None and slot.poller is not None and \
+            probe_socket(socket_of(slot.conn)) is not None:
+        return DiscardReason.PROBE
+    return None
 
 
 def stale_reason(slot: _Slot, generation: int, now: float) -> DiscardReason | None:
@@ -372,7 +385,7 @@ class _ReleasedMark:
 _RELEASED: Any = _ReleasedMark()
 
 
-class Lease:
+class Lease(Generic[C]):
     """A lease of one connector: a context manager, or an explicit handle.
 
     ``with pool.lease() as conn:`` gives ``conn`` (the connector) to the block
@@ -407,7 +420,7 @@ class Lease:
     def _released(self) -> bool:
         return self._slot is _RELEASED
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> C:
         # Fast path: an idle connector, and nobody waiting or barging allowed
         # (see "Fairness"), nothing to check.  It takes no lock (see "Locking"
         # in the module doc) and is inlined here because a lease is the
@@ -526,7 +539,7 @@ class Lease:
         return f"<Lease {state} of pool {self._pool.name!r}>"
 
 
-class _ManualLease(Lease):
+class _ManualLease(Lease[C]):
     """The lease returned by ``acquire()``.  One dropped without ``release()`` is
     found by the maintenance thread (nothing but its slot refers to it any
     more: see "Interruptions") and its connector closed, with a ResourceWarning."""
@@ -577,7 +590,7 @@ class _LeasePaths:
     _clone: Callable[[], Any]
     # Set once under the lock by aperturedb_pool.metrics.
     _metrics: Any
-    _lease_type: type[Lease]
+    _lease_type: type[Lease[Any]]
     # The lock, and what it guards.
     _lock: threading.Lock
     _waiters: deque[_Waiter]  # lock (the fast paths read its truth)
@@ -617,7 +630,7 @@ class _LeasePaths:
         def _on_peer_closed(self, slot: _Slot, why: str) -> None: ...
         def _notify_ready(self) -> None: ...
 
-    def _acquire(self, lease: Lease) -> None:
+    def _acquire(self, lease: Lease[Any]) -> None:
         if lease._slot is not None:
             raise LeaseError("this lease is already acquired; use a new pool.lease()")
         start = _monotonic()
@@ -641,9 +654,9 @@ class _LeasePaths:
                 now = _monotonic()
             # Outside the lock: a connector the pool could know is unusable is
             # never handed out.
-            if (slot.generation != self._generation or now >= slot.expires or self._closed or
-                    (now - slot.returned > self.probe_after and self._unhealthy(slot))):
-                self._discard_checked_out(slot)
+            reason = self._checkout_problem(slot, now)
+            if reason is not None:
+                self._discard_checked_out(slot, reason)
                 continue
             break
         slot.owner = me
@@ -675,16 +688,16 @@ class _LeasePaths:
             return True
         return False
 
-    def _discard_checked_out(self, slot: _Slot) -> None:
-        # A slot taken for a checkout that cannot be handed out.
+    def _discard_checked_out(self, slot: _Slot, reason: DiscardReason | None = None) -> None:
+        # A slot taken for a checkout that cannot be handed out, and why
+        # (None from the fast path, which inlines the rule: the reason is
+        # taken again here; a failed probe marked the slot in flight).
         with self._lock:
             closed = self._closed
             if slot in self._all:
-                reason = ("closed" if closed else
-                          "retired" if slot.generation != self._generation else
-                          "probe" if slot.in_flight else "expired")
-                self._drop(slot, reason)
-                self._maybe_grow()
+                if reason is None or closed:
+                    reason = self._unusable(slot, _monotonic()) or DiscardReason.PROBE
+                self._drop_and_regrow(slot, reason)
         if closed:
             self._close_pending()
         else:
@@ -747,7 +760,7 @@ class _LeasePaths:
             closed = self._closed
             if closed:
                 for slot in self._take_all_idle():
-                    self._drop(slot, "closed")
+                    self._drop(slot, DiscardReason.CLOSED)
             else:
                 self._serve_from_idle()
         if closed:
@@ -763,10 +776,9 @@ class _LeasePaths:
             slot = self._pop_idle()
             if slot is None:
                 return None
-            if slot.generation != self._generation or now >= slot.expires:
-                self._drop(slot, "retired" if slot.generation != self._generation
-                           else "expired")
-                self._maybe_grow()
+            reason = stale_reason(slot, self._generation, now)
+            if reason is not None:
+                self._drop_and_regrow(slot, reason)
                 continue
             if self._waiters[0] is me:
                 self._waiters.popleft()
@@ -777,7 +789,7 @@ class _LeasePaths:
             self._handoff(slot)
         return None
 
-    def _wait_for_slot(self, lease: Lease, start: float, deadline: float,
+    def _wait_for_slot(self, lease: Lease[Any], start: float, deadline: float,
                        timeout: float) -> _Slot:
         # ``start``: when the lease was asked for (the waiter's place in the
         # fairness order); ``deadline``: when the whole acquisition gives up.
@@ -857,14 +869,11 @@ class _LeasePaths:
 
     def _put_back(self, slot: _Slot) -> None:
         # Under the lock: a slot taken for someone who will not use it.
-        if self._closed or slot.generation != self._generation:
-            self._drop(slot, "closed" if self._closed else "retired")
-            self._maybe_grow()
-        elif self._waiters:
-            self._handoff(slot)
+        reason = self._unusable(slot, _monotonic())
+        if reason is not None:
+            self._drop_and_regrow(slot, reason)
         else:
-            slot.holder = None
-            self._idle.append(slot)
+            self._park_or_hand_off(slot)
 
     def _close_pending_if_closed(self) -> None:
         # After close() the background thread is gone: whoever drops a
@@ -1058,8 +1067,8 @@ class _LeasePaths:
             self._open_requests += want
             self._bg_wakeup.set()
 
-    def _release(self, lease: Lease, error: BaseException | None,
-                 reason: str | None = None) -> None:
+    def _release(self, lease: Lease[Any], error: BaseException | None,
+                 reason: DiscardReason | None = None) -> None:
         slot = lease._slot
         if slot is None or slot is _RELEASED:
             if slot is _RELEASED:
@@ -1079,42 +1088,34 @@ class _LeasePaths:
         self._tls.released = now
         if slot.lease_stack is not None:
             self._note_return(slot, now)
-        # Health on return: interrupted queries and dirty sockets are discarded.
-        drop_reason = reason
-        if drop_reason is None:
-            if slot.in_flight or (error is not None and not slot.tracked):
-                drop_reason = "interrupted" if error is not None else "broken"
-            elif error is not None and slot.poller is not None and \
-                    probe_socket(socket_of(slot.conn)) is not None:
-                drop_reason = "probe"
-            elif now >= slot.expires:
-                drop_reason = "expired"
+        drop_reason = return_health(slot, error) if reason is None else reason
         slot.returned = now
         closed_now = False
         with self._lock:
             if slot not in self._all:
                 # Leased before a fork, or reclaimed: not part of the pool's
                 # accounting any more.
-                self._to_close.append((slot.conn, "foreign"))
+                self._to_close.append((slot.conn, DiscardReason.FOREIGN.value))
                 closed_now = True
                 wake = False
             else:
                 if isinstance(error, OutcomeUnknown):
                     self._c["unknown_outcomes"] += 1
-                if drop_reason is not None or self._closed or slot.generation != self._generation:
-                    if drop_reason is None:
-                        drop_reason = "closed" if self._closed else "retired"
-                    self._drop(slot, drop_reason)
-                    self._maybe_grow()
+                if drop_reason is None:
+                    drop_reason = self._unusable(slot, now)
+                if drop_reason is not None:
+                    self._drop_and_regrow(slot, drop_reason)
                     wake = True
                     closed_now = self._closed
                 else:
                     wake = False
-                    if self._waiters and (not looper or now >= self._overdue_at):
-                        self._handoff(slot)
-                    else:
+                    if looper and now < self._overdue_at:
+                        # Kept idle for the loop's next lease (the fast
+                        # keep-return in Lease.__exit__ inlines this).
                         slot.holder = None
                         self._idle.append(slot)
+                    else:
+                        self._park_or_hand_off(slot)
         if wake:
             self._bg_wakeup.set()
         if closed_now:
@@ -1122,13 +1123,52 @@ class _LeasePaths:
         if error is not None and getattr(error, "peer_closed", False):
             self._on_peer_closed(slot, f"a connector failed: {error}")
 
-    def _drop(self, slot: _Slot, reason: str) -> None:
+    # -- the rules: each defined once (the Lease fast paths inline some of
+    #    them; tests/test_lease_rules.py holds both copies to the same cases)
+    def _unusable(self, slot: _Slot, now: float) -> DiscardReason | None:
+        # Why ``slot`` may be neither handed out nor kept, as far as the
+        # pool's state and the slot's age tell (None: it may).  Inlined by
+        # both fast paths as ``pool._fast and slot.generation ==
+        # pool._generation and now < slot.expires``.
+        if self._closed:
+            return DiscardReason.CLOSED
+        return stale_reason(slot, self._generation, now)
+
+    def _checkout_problem(self, slot: _Slot, now: float) -> DiscardReason | None:
+        # The checkout rule (Lease.__enter__ inlines it): unusable, or idle
+        # for longer than probe_after and its socket shows a problem.
+        reason = self._unusable(slot, now)
+        if reason is None and now - slot.returned > self.probe_after and self._unhealthy(slot):
+            return DiscardReason.PROBE
+        return reason
+
+    def _park_or_hand_off(self, slot: _Slot, *, oldest_end: bool = False) -> None:
+        # Under the lock, by the slot's owner: give it to the oldest waiter,
+        # or park it idle: at the newest end (just used), or at the oldest
+        # end when it was not just used (new, or pinged).
+        if self._waiters:
+            self._handoff(slot)
+        else:
+            slot.holder = None
+            if oldest_end:
+                self._idle.appendleft(slot)
+            else:
+                self._idle.append(slot)
+
+    def _drop_and_regrow(self, slot: _Slot, reason: DiscardReason) -> None:
+        # Under the lock: drop, then ask for connectors for the waiters.
+        self._drop(slot, reason)
+        self._maybe_grow()
+
+    def _drop(self, slot: _Slot, reason: DiscardReason) -> None:
         # Under the lock: forget slot and have the background thread close it.
+        # The counters hold the reason's plain string (stats keys, labels).
+        key = reason.value
         self._all.discard(slot)
         self._granted_base += slot.uses
         self._size -= 1
-        self._discarded[reason] = self._discarded.get(reason, 0) + 1
-        self._to_close.append((slot.conn, reason))
+        self._discarded[key] = self._discarded.get(key, 0) + 1
+        self._to_close.append((slot.conn, key))
         if self._opened and not self._closed:
             need = self.min_size - self._size - self._opening
             if need > 0:

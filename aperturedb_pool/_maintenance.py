@@ -44,6 +44,7 @@ from aperturedb_pool._lease import (
     _LeasePaths,
     _ManualLease,
     _Slot,
+    stale_reason,
 )
 from aperturedb_pool.errors import ConnectorError
 from aperturedb_pool.health import PEER_CLOSED, TLS_READABLE, probe_socket, socket_of
@@ -269,14 +270,11 @@ class _MaintenanceWork(_LeasePaths):
             if self._metrics is not None:
                 self._metrics.created(_monotonic() - started)
             if self._closed:
-                self._to_close.append((conn, "closed"))
+                self._to_close.append((conn, DiscardReason.CLOSED.value))
                 return True
             self._size += 1
             self._all.add(slot)
-            if self._waiters:
-                self._handoff(slot)
-            else:
-                self._idle.appendleft(slot)
+            self._park_or_hand_off(slot, oldest_end=True)
             self._notify_ready()
         return True
 
@@ -326,14 +324,14 @@ class _MaintenanceWork(_LeasePaths):
                     idle.append(slot)  # used since the copy: the newest end
                     keep.append(slot)
                     continue
-                if verdict == "ping":
+                if verdict is IdleVerdict.PING:
                     slot.holder = _MAINTENANCE
                     pings.append(slot)
                     self._pinging += 1
                 else:
-                    if verdict == "idle":
+                    if verdict is IdleVerdict.IDLE:
                         excess -= 1
-                    self._drop(slot, verdict)
+                    self._drop(slot, verdict.discard_reason)
             if self.keepalive_interval:
                 for slot in keep:
                     next_round = min(next_round, max(0.01, self._ping_due(slot) - now))
@@ -407,9 +405,9 @@ class _MaintenanceWork(_LeasePaths):
             closed = self._closed
             lost, dropped, due = self._find_lost(now)
             for slot in dropped:
-                self._drop(slot, "reclaimed")
+                self._drop(slot, DiscardReason.RECLAIMED)
             for slot in lost:
-                self._drop(slot, "lost")
+                self._drop(slot, DiscardReason.LOST)
             if (lost or dropped) and not closed:
                 self._maybe_grow()
         if closed and (lost or dropped):
@@ -468,17 +466,16 @@ class _MaintenanceWork(_LeasePaths):
                 due = min(due, suspect[0] + _LOST_GRACE)
         return lost, dropped, due
 
-    def _idle_verdict(self, slot: _Slot, now: float, excess: int) -> str | None:
+    def _idle_verdict(self, slot: _Slot, now: float, excess: int) -> IdleVerdict | None:
         # Under the lock: what maintenance does with an idle slot (None: keep).
-        if slot.generation != self._generation:
-            return "retired"
-        if now >= slot.expires:
-            return "expired"
+        stale = stale_reason(slot, self._generation, now)
+        if stale is not None:
+            return IdleVerdict(stale.value)
         if (self.max_idle is not None and excess > 0 and
                 now - slot.returned >= self.max_idle):
-            return "idle"
+            return IdleVerdict.IDLE
         if self.keepalive_interval and now >= self._ping_due(slot):
-            return "ping"
+            return IdleVerdict.PING
         return None
 
     def _ping_due(self, slot: _Slot) -> float:
@@ -506,18 +503,14 @@ class _MaintenanceWork(_LeasePaths):
         with self._lock:
             self._c["keepalive_pings"] += 1
             self._pinging -= 1
-            if not ok or self._closed or slot.generation != self._generation:
-                self._drop(slot, "failed_ping" if not ok else
-                           "closed" if self._closed else "retired")
+            dropped = DiscardReason.FAILED_PING if not ok else self._unusable(slot, now)
+            if dropped is not None:
+                self._drop(slot, dropped)
             else:
                 # ``returned`` stays the time of the last use: max_idle counts
                 # from it, pings do not make a connector "used".
                 slot.keepalive_due = now + (self.keepalive_interval or 0.0) * slot.jitter
-                if self._waiters:
-                    self._handoff(slot)
-                else:
-                    slot.holder = None
-                    self._idle.appendleft(slot)
+                self._park_or_hand_off(slot, oldest_end=True)
         if not ok:
             logger.info("pool %r: connector %d failed its keepalive (%s)", self.name, slot.id,
                         reason)

@@ -430,7 +430,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
             self._generation += 1
             n = len(self._all)
             for slot in self._take_all_idle():
-                self._drop(slot, "retired")
+                self._drop(slot, DiscardReason.RETIRED)
             self._maybe_grow()
         if n:
             logger.warning("pool %r: retired %d connector(s): %s", self.name, n, _reason)
@@ -455,7 +455,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
             # _closed is set first: a fast return that appends after this
             # drain sees it and closes its slot (_settle).
             for slot in self._take_all_idle():
-                self._drop(slot, "closed")
+                self._drop(slot, DiscardReason.CLOSED)
             self._open_requests = 0
             self._opening = 0
             self._notify_ready()
