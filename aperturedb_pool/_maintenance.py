@@ -279,33 +279,47 @@ class _MaintenanceWork(_LeasePaths):
         return True
 
     def _maintain(self, now: float) -> float:
-        """One round of background work; returns seconds until the next round."""
+        """One round of background work, one task per job (see the module
+        doc); returns seconds until the next round."""
         next_round = min(1.0, self._recover_lost(now), self._expire_overdue(now))
         self._log_cpu_note()
-        # Opens requested by waiters, shrinking and min_size: each in an
-        # opener thread, so that a slow or hanging connect never stalls the
-        # maintenance of the connectors already open.
+        next_round = min(next_round, self._refill(now))
+        self._close_pending()
+        next_round = min(next_round, self._tend_idle(now), self._report_leaks(now))
+        self._close_pending()
+        return next_round
+
+    def _refill(self, now: float) -> float:
+        """Start the opens requested by waiters and ``min_size``, each in an
+        opener thread (a slow or hanging connect never stalls the maintenance
+        of the connectors already open), at most _MAX_PARALLEL_OPENS at once
+        and not before the reconnect backoff allows.  Returns seconds until
+        the backoff ends (inf: nothing to wait for)."""
         while True:
             with self._lock:
                 if (self._closed or self._open_requests <= 0 or
                         self._opens_running >= _MAX_PARALLEL_OPENS):
-                    break
+                    return math.inf
                 if now < self._next_open_at:
-                    next_round = min(next_round, self._next_open_at - now)
-                    break
+                    return self._next_open_at - now
                 self._open_requests -= 1
                 self._opens_running += 1
             threading.Thread(target=self._open_worker, daemon=True,
                              name=f"aperturedb-pool-{self.name}-open").start()
-        self._close_pending()
+
+    def _tend_idle(self, now: float) -> float:
+        """Idle connectors: drop the retired, expired and (above min_size)
+        idle-too-long ones, and take those due a keepalive ping out of _idle
+        for ``_keepalive_all`` (a thread of its own: a ping may take up to
+        connect_timeout).  Returns seconds until the next ping is due."""
+        next_round = math.inf
+        pings: list[_Slot] = []
         with self._lock:
             if self._closed:
                 return next_round
-            pings: list[_Slot] = []
-            # Idle connectors: expire, shrink, keepalive (oldest are leftmost).
-            # A snapshot, and remove() what is dropped or pinged: a fast-path
-            # checkout may take any of these slots meanwhile (remove() then
-            # fails and the slot is theirs).
+            # Oldest are leftmost.  A snapshot, and remove() what is dropped
+            # or pinged: a fast-path checkout may take any of these slots
+            # meanwhile (remove() then fails and the slot is theirs).
             keep: list[_Slot] = []
             excess = self._size - self.min_size
             idle = self._idle
@@ -338,30 +352,37 @@ class _MaintenanceWork(_LeasePaths):
                 if pings:
                     # Pinged now, due again one (jittered) interval from now.
                     next_round = min(next_round, max(0.01, 0.9 * self.keepalive_interval))
-            if self.leak_threshold is not None:
-                next_round = min(next_round, max(0.01, self.leak_threshold / 2))
-            leaked = []
-            if self.leak_threshold is not None:
-                for slot in self._all:
-                    if slot.lease_stack is not None and not slot.leak_reported:
-                        age = now - slot.leased_at
-                        if age >= self.leak_threshold:
-                            slot.leak_reported = True
-                            self._c["leaks_reported"] += 1
-                            leaked.append((slot, age, slot.lease_stack))
-                        else:
-                            next_round = min(next_round, self.leak_threshold - age)
-        for slot, age, stack in leaked:
-            logger.warning("pool %r: connector %d leased for %.3f s (leak_threshold %.3g s); "
-                           "leased at:\n%s", self.name, slot.id, age, self.leak_threshold,
-                           "".join(stack or []))
         if pings:
-            # Each ping may take up to connect_timeout: they run in a thread
-            # of their own, so this thread goes on watching deadlines and
-            # looking for lost slots meanwhile.
+            # This thread goes on watching deadlines and looking for lost
+            # slots meanwhile.
             threading.Thread(target=self._keepalive_all, args=(pings,), daemon=True,
                              name=f"aperturedb-pool-{self.name}-ping").start()
-        self._close_pending()
+        return next_round
+
+    def _report_leaks(self, now: float) -> float:
+        """Log (once each) the leases held longer than leak_threshold, with
+        the stack that took them.  Returns seconds until the next may be due."""
+        threshold = self.leak_threshold
+        if threshold is None:
+            return math.inf
+        next_round = max(0.01, threshold / 2)
+        leaked = []
+        with self._lock:
+            if self._closed:
+                return next_round
+            for slot in self._all:
+                if slot.lease_stack is not None and not slot.leak_reported:
+                    age = now - slot.leased_at
+                    if age >= threshold:
+                        slot.leak_reported = True
+                        self._c["leaks_reported"] += 1
+                        leaked.append((slot, age, slot.lease_stack))
+                    else:
+                        next_round = min(next_round, threshold - age)
+        for slot, age, stack in leaked:
+            logger.warning("pool %r: connector %d leased for %.3f s (leak_threshold %.3g s); "
+                           "leased at:\n%s", self.name, slot.id, age, threshold,
+                           "".join(stack or []))
         return next_round
 
     def _keepalive_all(self, slots: list[_Slot]) -> None:
