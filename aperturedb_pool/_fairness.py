@@ -1,21 +1,58 @@
 """The fairness policy: when barging stops, and whether the process is CPU-bound.
 
 A plain object with no lock and no clock of its own (the pool calls it under
-its lock and passes the time), so it can be tested without a pool.  What the
-policy decides and why is argued in the "Fairness" section of
-``aperturedb_pool._lease``; in short:
+its lock and passes the time), so it can be tested without a pool.  The lease
+paths (``aperturedb_pool._lease``) read ``handoff_after`` through the pool's
+``_overdue_at`` (when the oldest waiter becomes overdue); the pool samples at
+hand-offs.  Why:
 
-* ``handoff_after``: once the oldest waiter has waited this long, returned
-  connectors go to waiters first come, first served (no more barging).  It is
-  ``HANDOFF_SHARE`` of the fairness threshold in force, at least
-  ``MIN_HANDOFF_AFTER`` (0 for a threshold of 0: strict first come, first
-  served).
-* The threshold in force is ``fairness_threshold``, or the longer
-  ``cpu_bound_fairness_threshold`` while the process is CPU-bound: its CPU
-  time, sampled at hand-offs at most every ``CPU_WINDOW`` seconds, grows at
-  ``CPU_BOUND_ENTER`` x wall time or more (until it drops below
-  ``CPU_BOUND_LEAVE``).  A window longer than ``window_max`` (contention
-  stopped for a while) decides nothing and lifts the verdict.
+Fairness
+--------
+A releasing thread that will immediately ask again (a batch loop: it returned
+the previous connector and nobody used the pool since) may re-take the
+connector it just returned ("barging"): no thread wake-up sits between two
+leases, which keeps connectors busy, and under the GIL a wake-up is expensive
+(the woken thread must win the GIL back: ~50-100 us on a busy 2-core machine).
+Barging is bounded: once the oldest waiter has waited ``handoff_after``
+seconds, every returned connector is handed directly to the oldest waiter
+(first come, first served) until no waiter is that old.  ``handoff_after`` is
+``HANDOFF_SHARE`` (60%) of ``fairness_threshold`` (at least 1 ms; 0 when the
+threshold is 0: strict first come, first served); the rest of the threshold is
+the margin for the hand-off itself (the next return, the woken thread's
+wake-up).  Each hand-off costs a thread switch, which under the GIL costs the
+whole process tens of microseconds, so the threshold trades the longest wait
+against throughput: with N threads sharing M connectors a thread waits about
+``handoff_after`` for a turn, then keeps its connector for about
+``handoff_after`` x M / (N - M).
+Threads that do not loop (request handlers) always hand off directly, so a
+returned connector never sits idle while someone waits.
+
+Barging runs on the lock-free paths too: a checkout may pop an idle connector
+while callers wait if the oldest has waited less than ``handoff_after``
+(``_overdue_at`` is still ahead), and a looping thread's clean return leaves its
+connector idle for its own next lease under the same condition.  Waiters are
+not woken when they become overdue (a wake-up costs a thread switch): the
+lease paths read the oldest waiter's age and hand over from then on.
+
+CPU-bound processes.  Rotating connectors among N threads on M connectors with
+waits of at most W takes about (N - M) / W hand-offs per second (24 / 6 ms =
+4,000 per second for 32 threads on 8), and each costs a thread switch: about
+30 us of CPU on a 2-core VM (the sleep and wake-up, the futex wake, the slow
+paths).  While the process has CPU to spare that costs nobody anything; while
+it is CPU-bound (under the GIL one core runs Python, so the switch time is
+taken from every thread's queries) it cost 15-20% of the throughput of 32
+threads on 8 connectors.  So the pool samples the process's CPU time at
+hand-offs (at most every 0.1 s: one ``process_time()`` under the lock) and,
+while it grows at 0.85 x wall time or more (until it drops below 0.65), uses
+``cpu_bound_fairness_threshold`` (0.1 s) instead: ten times fewer hand-offs,
+waits up to about 60 ms.  A verdict lapses when no sample was taken for a
+second, or twice the longer threshold if that is longer (no hand-off:
+contention stopped), so a caller that queues after a quiet spell gets the
+normal threshold.  ``process_time()`` also counts threads running outside the
+GIL (native code), so such a process can be judged CPU-bound; a GIL-bound
+process starved by its host or a CPU quota can stay below 0.85 and keep the
+normal threshold.  ``stats()`` shows ``cpu_bound``, ``handoff_after`` and
+``cpu_bound_seconds``; changes of the verdict are logged at DEBUG.
 """
 
 from __future__ import annotations

@@ -55,26 +55,12 @@ said otherwise; the list is complete: see the annotations of ``_LeasePaths``)::
 Locking (the argument for thread safety)
 ----------------------------------------
 ``ConnectionPool._lock`` (a plain ``threading.Lock``) guards every mutable field
-of the pool but the few listed below: ``_waiters``, ``_size``, ``_all`` (the set
-of live slots), ``_pinging``, ``_opening``, ``_opens_running``, ``_opened``,
-``_closed``, ``_generation``, the counters in ``_c``, ``_discarded`` and
-``_granted_base``, the background work (``_to_close``, ``_open_requests``),
-the refill state (``_open_failures``, ``_last_open_error``,
-``_unreachable_since``, ``_next_open_at``, ``_permanent_at``), the fairness
-state (``_overdue_at``, ``_handoff_after``, ``_cpu_bound``, ``_cpu_mark``,
-``_cpu_next``, ``_cpu_note``), ``_ready_waiters``, and each slot's ``suspect``.
-It is held only for short, non-blocking bookkeeping: never across a network
-call, a sleep or a wait.  Decisions are taken under the lock; waiting (on a
-waiter's own lock) and I/O (probes, opening, closing, pinging) happen outside
-it.  Every acquisition is a ``with`` statement (see "Interruptions").
-
-Not guarded by the lock: ``_idle`` (below); ``_fast``, ``_overdue_at`` and
-``_generation`` read as hints by the fast paths (written under the lock);
-``_long_wait_wakeup`` (a hint: a race costs one wake-up more); ``_tls``
-(per thread); ``_bg_wakeup`` (``SimpleQueue``, safe from any thread);
-``_metrics`` and ``_lease_type`` (set once, under the lock, when the pool is
-instrumented by ``aperturedb_pool.metrics``; read by slow paths and
-``lease()``; the recorder's own lock is only ever taken after the pool's).
+of the pool but the few in the table above (the "no lock", "hints" and "set
+once" rows).  It is held only for short, non-blocking bookkeeping: never
+across a network call, a sleep or a wait.  Decisions are taken under the
+lock; waiting (on a waiter's own lock) and I/O (probes, opening, closing,
+pinging) happen outside it.  Every acquisition is a ``with`` statement (see
+"Interruptions").
 
 The exception is ``_idle``, the deque of idle slots.  Its single-item
 operations (``append``, ``pop``, ``popleft``, ``remove``, ``copy``, ``[0]``)
@@ -82,7 +68,7 @@ are atomic: one C call each, holding the GIL throughout (``remove`` compares
 by identity because ``_Slot`` defines no ``__eq__``, so no Python code runs
 inside it).  The Lease fast paths use ``_idle`` without the pool lock:
 checkout is ``_idle.pop()`` (when nobody waits, or barging is allowed: see
-"Fairness"), return is ``_idle.append()``.  Rules that make this safe:
+"Fairness" in ``aperturedb_pool._fairness``), return is ``_idle.append()``.  Rules that make this safe:
 
 * Ownership: whoever removes a slot from ``_idle`` owns it, and only the
   owner of a slot puts it back (a return, a hand-off, the maintenance thread
@@ -101,7 +87,7 @@ checkout is ``_idle.pop()`` (when nobody waits, or barging is allowed: see
   thread sees the waiter and settles under the lock (``_settle``: hand idle
   slots to waiters, or close them if the pool closed).  ``close()`` clears
   ``_fast`` before draining ``_idle`` the same way.  A looping thread's
-  keep-return (``_keeps_for``) deliberately leaves its slot idle although
+  keep-return (inlined in ``Lease.__exit__``) deliberately leaves its slot idle although
   callers wait: it re-reads only ``_fast``; waiters reach such slots through
   the lease paths once they are overdue, a later looping return
   (``_hand_out_stranded``), or their own timed wake-up.
@@ -1081,7 +1067,7 @@ class _LeasePaths:
             self._metrics.released(lease, now)
         # A thread that asked for this lease right after returning its
         # previous one is in a loop: it will ask again at once, so it may
-        # re-take this connector (see the module doc on fairness).  A
+        # re-take this connector (see aperturedb_pool._fairness).  A
         # fast-path checkout did not wait: it asked when it got the slot.
         req = slot.leased_at if self._plain else lease._req
         looper = self._asked_right_after_return(req)
