@@ -224,11 +224,11 @@ logger = logging.getLogger("aperturedb_pool")
 if TYPE_CHECKING:  # a default (PEP 696) for users' type checkers; plain at run time
     from typing_extensions import TypeVar as _TypeVar
 
-    C = _TypeVar("C", default=Any)
+    C = _TypeVar("C", bound=_connectors.Connector, default=Any)
 else:
     from typing import TypeVar as _TypeVar
 
-    C = _TypeVar("C")  # the connector type of a pool: what its leases give
+    C = _TypeVar("C", bound=_connectors.Connector)  # a pool's connector: what leases give
 
 _monotonic = time.monotonic  # replaced by tests (see tests/_support.py: set_clock)
 _process_time = time.process_time  # replaced by tests
@@ -441,10 +441,10 @@ class Lease(Generic[C]):
                             slot.uses += 1
                             slot.leased_at = now
                             self._slot = slot
-                            return slot.conn
+                            return slot.conn  # type: ignore[no-any-return]
                         pool._discard_checked_out(slot)
             pool._acquire(self)
-            return self.conn
+            return self.conn  # type: ignore[no-any-return]
         except BaseException as e:
             # Interrupted after the connector became this lease's: the with
             # statement will not call __exit__, so give it back now (it was

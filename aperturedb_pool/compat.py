@@ -90,7 +90,7 @@ class ConnectionPool:
         with self._pool.lease(timeout=timeout) as conn:
             yield conn
 
-    def query(self, query: Any, blobs: list | None = None) -> Any:
+    def query(self, query: Any, blobs: list[Any] | None = None) -> Any:
         """Run one query through the pool (under its retry policy)."""
         return self._pool.query(query, blobs)
 

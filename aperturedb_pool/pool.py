@@ -148,10 +148,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
 
     _counter = itertools.count(1)
 
-    _metrics: Any
-    _lease_type: type
-
-    def __init__(self, template: Any = None, *, min_size: int = 1, max_size: int = 8,
+    def __init__(self, template: C | None = None, *, min_size: int = 1, max_size: int = 8,
                  timeout: float = 30.0, max_waiting: int | None = None,
                  max_lifetime: float | None = 3600.0, max_idle: float | None = 600.0,
                  keepalive_interval: float | None = 60.0,
@@ -164,7 +161,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
                  check_ownership: bool = False, retry: Any = None, name: str | None = None,
                  open: bool = True, reconnect_initial: float = 0.05,
                  reconnect_max: float = 2.0,
-                 connector_factory: Callable[[], Any] | None = None) -> None:
+                 connector_factory: Callable[[], C] | None = None) -> None:
         # Every option is checked (and normalized) by PoolOptions, which
         # config.py uses too.
         o = PoolOptions(
@@ -346,7 +343,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         self._ready_waiters.clear()
 
     # -- leasing -----------------------------------------------------------
-    def lease(self, timeout: float | None = None) -> Lease:
+    def lease(self, timeout: float | None = None) -> Lease[C]:
         """A context manager that leases one connector: ``with pool.lease() as conn:``.
 
         Waits up to ``timeout`` seconds (default: the pool's ``timeout``).
@@ -359,7 +356,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         make = self._lease_type
         return make(self, timeout)
 
-    def acquire(self, timeout: float | None = None) -> Lease:
+    def acquire(self, timeout: float | None = None) -> Lease[C]:
         """Lease a connector now; return the Lease (``lease.conn`` is the connector).
 
         For frameworks whose request start and end are separate hooks.  Release
@@ -381,7 +378,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
             raise
         return lease
 
-    def release(self, lease: Lease, error: BaseException | None = None) -> None:
+    def release(self, lease: Lease[C], error: BaseException | None = None) -> None:
         """Return a lease obtained from ``acquire()``."""
         if not isinstance(lease, Lease) or lease._pool is not self:
             raise LeaseError(f"release() takes a Lease of pool {self.name!r}, got {lease!r}")
@@ -492,7 +489,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "ConnectionPool":
+    def __enter__(self) -> ConnectionPool[C]:
         return self
 
     def __exit__(self, *exc: Any) -> None:

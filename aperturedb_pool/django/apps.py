@@ -6,7 +6,7 @@ from django.apps import AppConfig
 from django.core import checks
 
 
-class ApertureDBPoolConfig(AppConfig):
+class ApertureDBPoolConfig(AppConfig):  # type: ignore[misc]  # (Django is untyped here)
     name = "aperturedb_pool.django"
     label = "aperturedb_pool"
     verbose_name = "ApertureDB connection pool"
