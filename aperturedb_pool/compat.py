@@ -27,6 +27,8 @@ from aperturedb_pool import _validate
 from aperturedb_pool.connectors import default_template
 from aperturedb_pool.pool import ConnectionPool as _Pool
 
+__all__ = ["ConnectionPool"]
+
 
 class ConnectionPool:
     """The SDK's pool interface on top of :class:`aperturedb_pool.ConnectionPool`.

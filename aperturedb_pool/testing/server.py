@@ -33,6 +33,7 @@ import struct
 import tempfile
 import threading
 import time
+from enum import IntEnum
 from typing import Any, Callable, Iterable, cast
 
 from aperturedb_pool.testing._store import SUPPORTED_COMMANDS, Store
@@ -64,12 +65,21 @@ try:  # bytes waiting in a socket's receive queue, without reading them
 except (ImportError, AttributeError):  # pragma: no cover - not a POSIX system
     _FIONREAD = None
 
-# Connection states.
-_HELLO = 0       # waiting for the 8-byte hello
-_WAITING = 1     # hello read, waiting for a client slot (max_clients)
-_HANDSHAKE = 2   # TLS handshake in progress
-_READY = 3       # serving requests
-_CONTROL = 4     # control channel (framed JSON)
+class ConnState(IntEnum):
+    """A server connection's state."""
+
+    HELLO = 0  # waiting for the 8-byte hello
+    WAITING = 1  # hello read, waiting for a client slot (max_clients)
+    HANDSHAKE = 2  # TLS handshake in progress
+    READY = 3  # serving requests
+    CONTROL = 4  # control channel (framed JSON)
+
+
+_HELLO = ConnState.HELLO
+_WAITING = ConnState.WAITING
+_HANDSHAKE = ConnState.HANDSHAKE
+_READY = ConnState.READY
+_CONTROL = ConnState.CONTROL
 
 # The session-rejected answer: a single object, not a list; the query did not run.
 _REJECTED_JSON = json.dumps({"status": -1, "info": "Not Authenticated!", "code": "unauthenticated"})
@@ -118,7 +128,7 @@ class _Conn:
     def __init__(self, sock: socket.socket, now: float, peer: Any) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.state = _HELLO
+        self.state: ConnState = _HELLO
         self.kind = "unknown"          # "client" or "control" once the hello is read
         self.rbuf = bytearray()        # received bytes (plaintext) not yet consumed
         self.out: collections.deque[Any] = collections.deque()  # raw bytes not yet sent
