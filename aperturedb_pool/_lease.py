@@ -8,16 +8,16 @@ A lease's call graph (``=>`` marks the lock-free fast paths)::
 
     pool.lease() -> Lease                       pool.acquire() -> _ManualLease
     Lease.__enter__                              (no fast path: _acquire)
-      => _idle.pop(); the checkout rule, inlined (see checkout_rule)
+      => _idle.pop(); the checkout rule inlined (_checkout_problem)
       else _acquire
              _pop_idle under the lock, or _wait_for_slot:
                _serve_from_idle (waiters in order) / _wait_queued (own lock)
-             checkout_rule fails -> _discard_checked_out -> _drop_and_regrow; again
+             _checkout_problem -> _discard_checked_out -> _drop_and_regrow; again
     Lease.__exit__                               pool.release(lease) / lease.release()
       => nobody waits: _idle.append; then waiters or close() seen -> _settle
       => a looping thread, no waiter overdue: keep it idle (_hand_out_stranded)
       else _release: return_health, _unusable -> _drop_and_regrow
-                     or park_or_hand_off (-> _handoff to the oldest waiter)
+                     or _park_or_hand_off (-> _handoff to the oldest waiter)
 
 A slot's states (where it is, and its ``holder``)::
 
@@ -50,7 +50,9 @@ said otherwise; the list is complete: see the annotations of ``_LeasePaths``)::
                  _metrics and _lease_type (set under the lock by
                  aperturedb_pool.metrics; the recorder's lock is only ever
                  taken after the pool's)
-    the holder   a slot's in_flight, phase, uses, owner, leased_at while leased
+    the holder   a slot's in_flight, phase, uses, owner, leased_at while leased;
+                 its other fields change under the lock while it changes hands,
+                 or by the one thread that took it from _idle
 
 Locking (the argument for thread safety)
 ----------------------------------------
@@ -68,7 +70,8 @@ are atomic: one C call each, holding the GIL throughout (``remove`` compares
 by identity because ``_Slot`` defines no ``__eq__``, so no Python code runs
 inside it).  The Lease fast paths use ``_idle`` without the pool lock:
 checkout is ``_idle.pop()`` (when nobody waits, or barging is allowed: see
-"Fairness" in ``aperturedb_pool._fairness``), return is ``_idle.append()``.  Rules that make this safe:
+"Fairness" in ``aperturedb_pool._fairness``), return is ``_idle.append()``.
+Rules that make this safe:
 
 * Ownership: whoever removes a slot from ``_idle`` owns it, and only the
   owner of a slot puts it back (a return, a hand-off, the maintenance thread
@@ -230,7 +233,7 @@ else:
 
     C = _TypeVar("C", bound=_connectors.Connector)  # a pool's connector: what leases give
 
-_monotonic = time.monotonic  # replaced by tests (see tests/_support.py: set_clock)
+_monotonic = time.monotonic  # replaced by tests (tests/_support.py: set_pool_clock)
 _process_time = time.process_time  # replaced by tests
 _LOOP_GAP = 0.001  # a thread asking again within this of its last return loops
 # A waiter whose timed wake-ups have backed off to this (it has waited about

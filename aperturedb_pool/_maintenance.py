@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aperturedb_pool")
 
-_monotonic = time.monotonic  # replaced by tests (see tests/_support.py: set_clock)
+_monotonic = time.monotonic  # replaced by tests (tests/_support.py: set_pool_clock)
 _get_ident = threading.get_ident
 _MAX_PARALLEL_OPENS = 2
 # A slot out of the pool with no holder pointing back at it for this long was

@@ -69,7 +69,7 @@ logger = logging.getLogger("aperturedb_pool")
 
 T = TypeVar("T")
 
-_monotonic = time.monotonic  # replaced by tests (see tests/_support.py: set_clock)
+_monotonic = time.monotonic  # replaced by tests (tests/_support.py: set_pool_clock)
 
 
 def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
