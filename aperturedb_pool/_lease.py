@@ -413,8 +413,9 @@ class Lease(Generic[C]):
         # Fast path: an idle connector, and nobody waiting or barging allowed
         # (see "Fairness"), nothing to check.  It takes no lock (see "Locking"
         # in the module doc) and is inlined here because a lease is the
-        # pool's hot path: keep its rules the same as ConnectionPool._acquire,
-        # which handles every other case.  ``_fast`` is cleared by close()
+        # pool's hot path: it mirrors _checkout_problem (the rule _acquire,
+        # which handles every other case, calls; tests/test_lease_rules.py
+        # holds both to the same cases).  ``_fast`` is cleared by close()
         # before it drains _idle, and read again after the pop: a slot that a
         # racing return appended after the drain is closed, not handed out.
         pool = self._pool
@@ -457,6 +458,9 @@ class Lease(Generic[C]):
             raise
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        # The fast returns mirror return_health (no error: only in_flight
+        # counts), _unusable and, for a looping thread, the keep-idle branch
+        # of _release (tests/test_lease_rules.py holds both to the same cases).
         slot = self._slot
         if ev is None and slot is not None and not slot.in_flight:  # _RELEASED is in flight
             pool = self._pool
