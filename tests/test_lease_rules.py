@@ -132,3 +132,28 @@ def test_stale_reason_and_return_health_cases() -> None:
     assert return_health(_Slot(tracked=False), OSError()) is DiscardReason.INTERRUPTED  # type: ignore[arg-type]
     # The enum's members are the strings the stats and metrics have always used.
     assert DiscardReason.EXPIRED == "expired" and {"expired": 1}.get(DiscardReason.EXPIRED) == 1
+
+
+@pytest.mark.parametrize("paths", PATHS)
+@pytest.mark.parametrize("overdue", [False, True])
+def test_a_looping_return_keeps_or_hands_over_the_same_on_both_paths(
+        make_pool: Any, frozen_clock: _support.FrozenClock, paths: str, overdue: bool) -> None:
+    # A thread in a loop keeps its connector idle for its next lease while no
+    # waiter is overdue (barging), and hands it to the oldest waiter once one is.
+    import aperturedb_pool._lease as lease_mod
+
+    pool = _pool(make_pool, paths)  # fairness_threshold 0.01: overdue after 6 ms
+    _the_idle_slot(pool)
+    lease, conn = _support.looping_lease(pool)
+    waiter = lease_mod._Waiter(frozen_clock() - (1.0 if overdue else 0.0))
+    with pool._lock:
+        pool._waiters.append(waiter)
+        pool._queue_changed()
+    lease.__exit__(None, None, None)
+    if overdue:
+        assert waiter._slot is not None and waiter._slot.conn is conn
+    else:
+        assert waiter._slot is None and pool.stats().idle == 1
+    pool._abandon_wait(waiter)  # the connector goes back (or the waiter leaves the queue)
+    with pool.lease(timeout=0) as again:
+        assert again is conn
