@@ -19,6 +19,8 @@ import weakref
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable
 
+from aperturedb_pool._lease import _ThreadMarks
+from aperturedb_pool._maintenance import _Wakeup
 from aperturedb_pool.health import socket_of
 
 if TYPE_CHECKING:
@@ -38,9 +40,6 @@ def register(pool: ConnectionPool[Any]) -> None:
 
 def reset_in_child(pool: ConnectionPool[Any]) -> None:
     """Start ``pool`` over in a forked child (see the module doc)."""
-    from aperturedb_pool._lease import _ThreadMarks
-    from aperturedb_pool._maintenance import _Wakeup
-
     old = list(pool._all)
     pool._lock = threading.Lock()
     pool._bg_wakeup = _Wakeup()

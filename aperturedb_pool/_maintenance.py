@@ -14,7 +14,7 @@ when it wants the next round:
 * ``_tend_idle``: idle connectors expired, retired or idle too long (shrink)
   are dropped, those due a keepalive ping are taken out for ``_keepalive_all``
   (its own thread: a ping may take up to ``connect_timeout``);
-* ``_find_leaks``: leases held past ``leak_threshold`` are logged with their
+* ``_report_leaks``: leases held past ``leak_threshold`` are logged with their
   stack;
 * ``_close_pending``: dropped connectors are closed, outside the lock.
 
