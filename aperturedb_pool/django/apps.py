@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.apps import AppConfig
 from django.core import checks
 
+__all__ = ["ApertureDBPoolConfig"]
+
 
 class ApertureDBPoolConfig(AppConfig):  # type: ignore[misc]  # (Django is untyped here)
     name = "aperturedb_pool.django"

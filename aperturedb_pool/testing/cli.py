@@ -15,6 +15,8 @@ import sys
 import threading
 from typing import Any, Sequence
 
+__all__ = ["main"]
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
