@@ -646,11 +646,14 @@ class _LeasePaths:
                 slot = self._wait_for_slot(lease, start, deadline, timeout)
                 now = _monotonic()
             # Outside the lock: a connector the pool could know is unusable is
-            # never handed out.
-            reason = self._checkout_problem(slot, now)
-            if reason is not None:
-                self._discard_checked_out(slot, reason)
-                continue
+            # never handed out.  The test before the rule only spares a slot
+            # that surely passes it the calls (as the fast path does).
+            if (self._closed or slot.generation != self._generation or
+                    now >= slot.expires or now - slot.returned > self.probe_after):
+                reason = self._checkout_problem(slot, now)
+                if reason is not None:
+                    self._discard_checked_out(slot, reason)
+                    continue
             break
         slot.owner = me
         # When this lease was asked for (a fast-path checkout stores the same:
@@ -1081,7 +1084,9 @@ class _LeasePaths:
         self._tls.released = now
         if slot.lease_stack is not None:
             self._note_return(slot, now)
-        drop_reason = return_health(slot, error) if reason is None else reason
+        drop_reason = reason
+        if reason is None and (error is not None or slot.in_flight):  # (else healthy)
+            drop_reason = return_health(slot, error)
         slot.returned = now
         closed_now = False
         with self._lock:
@@ -1094,8 +1099,9 @@ class _LeasePaths:
             else:
                 if isinstance(error, OutcomeUnknown):
                     self._c["unknown_outcomes"] += 1
-                if drop_reason is None:
-                    drop_reason = self._unusable(slot, now)
+                if drop_reason is None and (self._closed or now >= slot.expires or
+                                            slot.generation != self._generation):
+                    drop_reason = self._unusable(slot, now)  # (else usable)
                 if drop_reason is not None:
                     self._drop_and_regrow(slot, drop_reason)
                     wake = True
