@@ -46,7 +46,8 @@ said otherwise; the list is complete: see the annotations of ``_LeasePaths``)::
                  thread), _bg_wakeup (SimpleQueue), _long_wait_wakeup (a hint)
     hints        _fast, _overdue_at, _generation, _waiters (their truth), read
                  by the fast paths without the lock, written under it
-    set once     options (timeout, max_size, ...), _plain, _template, _clone,
+    set once     options (timeout, max_size, ...), _options, _plain, _template,
+                 _factory, _clone, _is_read_only,
                  _metrics and _lease_type (set under the lock by
                  aperturedb_pool.metrics; the recorder's lock is only ever
                  taken after the pool's)
@@ -572,6 +573,8 @@ class _LeasePaths:
     query_timeout: float | None
     connect_timeout: float
     probe_after: float
+    fairness_threshold: float
+    cpu_bound_fairness_threshold: float | None
     leak_threshold: float | None
     check_ownership: bool
     reconnect_initial: float
@@ -580,7 +583,9 @@ class _LeasePaths:
     _options: PoolOptions
     _plain: bool  # no per-lease extras: the fast paths apply
     _template: Any
+    _factory: Callable[[], Any] | None
     _clone: Callable[[], Any]
+    _is_read_only: Callable[[Any], bool]  # retry.is_read_only, for query()
     # Set once under the lock by aperturedb_pool.metrics.
     _metrics: Any
     _lease_type: type[Lease[Any]]
