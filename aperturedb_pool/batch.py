@@ -49,6 +49,7 @@ from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from aperturedb_pool import _validate
 from aperturedb_pool.errors import PoolError
 
 __all__ = [
@@ -162,8 +163,7 @@ class BatchAborted(PoolError):
 
 def chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """Lists of ``size`` consecutive items (the last may be shorter), read lazily."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {size!r}")
+    _validate.integer("batch_size", size, minimum=1)
     it = iter(iterable)
     while True:
         batch = list(itertools.islice(it, size))
@@ -239,12 +239,9 @@ def run_batches(pool: Any, fn: Callable[[Any, Any], Any], batches: Iterable[Any]
     if isinstance(executor, cf.ProcessPoolExecutor):
         raise TypeError("executor: batches share the pool's connectors, which cannot cross "
                         "processes; pass a ThreadPoolExecutor")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or
-                                threads < 1):
-        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
-    if max_failures is not None and (isinstance(max_failures, bool) or
-                                     not isinstance(max_failures, int) or max_failures < 0):
-        raise ValueError(f"max_failures must be None or an int >= 0, got {max_failures!r}")
+    if threads is not None:
+        _validate.integer("threads", threads, minimum=1)
+    _validate.integer("max_failures", max_failures, minimum=0, optional=True)
 
     total: int | None = None
     if isinstance(batches, Sized):

@@ -13,6 +13,8 @@ from typing import Sequence
 
 from aperturedb_pool._version import __version__
 
+__all__ = ["main", "SUBCOMMANDS"]
+
 # subcommand -> (module with a ``main(argv) -> int``, one-line help)
 SUBCOMMANDS = {
     "serve": ("aperturedb_pool.testing.cli",

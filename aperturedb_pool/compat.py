@@ -23,8 +23,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from aperturedb_pool import _validate
 from aperturedb_pool.connectors import default_template
 from aperturedb_pool.pool import ConnectionPool as _Pool
+
+__all__ = ["ConnectionPool"]
 
 
 class ConnectionPool:
@@ -40,8 +43,7 @@ class ConnectionPool:
     def __init__(self, pool_size: int = 10,
                  connection_factory: Callable[[], Any] | None = None,
                  **options: Any) -> None:
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size <= 0:
-            raise ValueError(f"pool_size must be an int greater than 0, got {pool_size!r}")
+        _validate.integer("pool_size", pool_size, minimum=1)
         factory = connection_factory or default_template
         first = factory()
         if not first:
@@ -90,7 +92,7 @@ class ConnectionPool:
         with self._pool.lease(timeout=timeout) as conn:
             yield conn
 
-    def query(self, query: Any, blobs: list | None = None) -> Any:
+    def query(self, query: Any, blobs: list[Any] | None = None) -> Any:
         """Run one query through the pool (under its retry policy)."""
         return self._pool.query(query, blobs)
 

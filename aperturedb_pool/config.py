@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from aperturedb_pool._options import PoolOptions
 from aperturedb_pool.errors import ConnectorError, PoolError
 
 __all__ = [
@@ -210,10 +211,6 @@ def _check_key(value: Any) -> None:
         raise ValueError("not a valid ApertureDB key (it decodes to no configuration list)")
 
 
-def _never() -> Any:  # pragma: no cover - the validation pool is never opened
-    raise AssertionError("the configuration check pool never opens connectors")
-
-
 def _analyze(source: Mapping[str, Any], prefix: str
              ) -> tuple[ApertureDBConfig | None, list[ConfigProblem]]:
     problems: list[ConfigProblem] = []
@@ -294,8 +291,9 @@ def _analyze(source: Mapping[str, Any], prefix: str
         if connection.get("use_ssl") is False:
             warn("CA_CERT", "CA_CERT is ignored because USE_SSL is False", "W002")
 
-    # Pool options: coerce strings (from environment variables), then let the
-    # pool's own constructor validate, so the rules live in one place.
+    # Pool options: coerce strings (from environment variables), then let
+    # PoolOptions (what the pool's constructor checks with) validate, so the
+    # rules live in one place.
     options: dict[str, Any] = {}
     bad_options = False
     for k, kw in POOL_OPTION_KEYS.items():
@@ -323,16 +321,17 @@ def _analyze(source: Mapping[str, Any], prefix: str
             continue
         options[kw] = v
     if not bad_options:
-        # The pool's constructor validates: one option at a time, so each
-        # problem is reported under its own key (the sizes together).
+        # One option at a time, so each problem is reported under its own key
+        # (the sizes together).  The name is checked above.
         sizes: dict[str, Any] = {kw: options[kw] for kw in ("min_size", "max_size")
                                  if kw in options}
-        trials = [{kw: v} for kw, v in options.items() if kw not in sizes]
+        trials = [{kw: v} for kw, v in options.items()
+                  if kw not in sizes and kw in PoolOptions.names()]
         if sizes:
             trials.append(sizes)
         for trial in trials:
             try:
-                _trial_pool(**trial).close()
+                PoolOptions(**trial)
             except (TypeError, ValueError) as e:
                 msg = str(e)
                 if len(trial) == 1:
@@ -347,12 +346,6 @@ def _analyze(source: Mapping[str, Any], prefix: str
     return ApertureDBConfig(key=key, connection=MappingProxyType(connection),
                             template=template, pool_options=MappingProxyType(options),
                             warnings=tuple(problems)), problems
-
-
-def _trial_pool(**options: Any) -> Any:
-    from aperturedb_pool.pool import ConnectionPool
-
-    return ConnectionPool(connector_factory=_never, open=False, **options)
 
 
 def check_config(source: Mapping[str, Any], prefix: str = "") -> list[ConfigProblem]:

@@ -36,7 +36,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, cast
 
 from aperturedb_pool.diagnose import authentication_failed, classify_connect_error
 from aperturedb_pool.errors import (
@@ -48,6 +48,25 @@ from aperturedb_pool.errors import (
     QueryTimeout,
 )
 from aperturedb_pool.health import POLL_BAD, apply_tcp_keepalive, peek
+
+__all__ = ["Connector", "Phase", "OwnershipCheck", "clone_factory", "default_template",
+           "instrument", "bound_socket", "read_frame", "write_frame", "FrameDesync",
+           "FrameTooLarge", "MAX_FRAME", "TIMEOUT_SLACK", "WATCHED_BEYOND"]
+
+
+class Connector(Protocol):
+    """What the pool needs of a connector: ``query`` and ``close``.
+
+    A template (``ConnectionPool(template)``) needs ``clone()`` too (or, on
+    SDKs before 0.4.33, ``create_new_connection()``), checked when the pool
+    is built; ``aperturedb.Connector`` is one.  ``ConnectionPool`` is generic
+    in its connector type: ``pool.lease()`` gives the template's type.
+    """
+
+    def query(self, q: Any, blobs: Any = ..., /) -> Any: ...
+
+    def close(self) -> None: ...
+
 
 logger = logging.getLogger("aperturedb_pool")
 _monotonic = time.monotonic
@@ -118,7 +137,7 @@ def clone_factory(template: Any) -> Callable[[], Any]:
         if not callable(getattr(template, method, None)):
             raise TypeError(f"template: {type(template).__name__!r} has no {method}() method; "
                             f"pass an aperturedb Connector")
-    return fn
+    return cast("Callable[[], Any]", fn)
 
 
 def default_template() -> Any:

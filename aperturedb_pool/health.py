@@ -16,6 +16,9 @@ import select
 import socket
 from typing import Any
 
+__all__ = ["PEER_CLOSED", "TLS_READABLE", "POLL_BAD", "socket_of", "probe_socket", "peek",
+           "apply_tcp_keepalive"]
+
 #: probe reasons that mean the server closed the connection
 PEER_CLOSED = "peer closed the connection"
 TLS_READABLE = "socket readable while idle (TLS: peer closed or unread bytes)"

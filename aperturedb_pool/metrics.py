@@ -65,7 +65,7 @@ import weakref
 from bisect import bisect_left
 from dataclasses import dataclass
 from time import monotonic as _monotonic
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 from aperturedb_pool._version import __version__
 from aperturedb_pool.pool import ConnectionPool, Lease
@@ -300,7 +300,7 @@ def _recorder(pool: ConnectionPool, timed: bool) -> _Recorder:
             _recorders.add(rec)
         if timed:
             pool._lease_type = _TimedLease
-    return rec
+    return cast(_Recorder, rec)
 
 
 def _after_fork_in_child() -> None:

@@ -1,8 +1,8 @@
 """Small pieces shared by the benchmarks under ``stress/``.
 
-- ``StandInConnector``: the cheapest object a pool accepts as a template, so a
-  benchmark measures the pool's own cost and nothing else. It has no socket, so
-  the pool skips its socket probe for it.
+- ``StandInConnector``: the tests' stand-in connector (no socket, so the pool
+  skips its socket probe for it), recording nothing, so a benchmark measures
+  the pool's own cost and nothing else.
 - ``jain_index``, ``percentile``: the statistics the benchmarks report.
 - ``machine_facts``: what a reader needs to judge a figure (cores, Python, date).
 """
@@ -17,27 +17,13 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-_STATUS_RESPONSE = ([{"GetStatus": {"status": 0}}], [])
+from aperturedb_pool.testing._standin import StandIn
 
 
-class StandInConnector:
-    """Answers every query at once with a GetStatus success; costs nothing.
-
-    No ``__slots__``: the pool instruments a connector by setting attributes on
-    it, as it does on the SDK's ``Connector``.
-    """
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    def clone(self) -> StandInConnector:
-        return StandInConnector()
-
-    def query(self, q, blobs=None):
-        return _STATUS_RESPONSE
-
-    def close(self) -> None:
-        self.closed = True
+def StandInConnector() -> StandIn:  # noqa: N802 - used as the class it was
+    """The stand-in of the unit tests (``aperturedb_pool.testing._standin``),
+    without recording its queries: a benchmark measures the pool's own cost."""
+    return StandIn(record=False)
 
 
 def jain_index(counts: Sequence[float]) -> float:

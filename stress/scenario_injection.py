@@ -32,10 +32,10 @@ import _injection as inj  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     sc = Scenario("injection", __doc__, duration=0.0, quick=0.0, limit=1800.0, argv=argv)
-    import aperturedb_pool.pool as pool_mod
+    import aperturedb_pool._maintenance as maintenance_mod
     from aperturedb_pool.testing.server import EmbeddedServer
 
-    pool_mod._LOST_GRACE = 0.05  # noqa: SLF001 - lost slots declared lost sooner: faster runs
+    maintenance_mod._LOST_GRACE = 0.05  # noqa: SLF001 - lost slots declared lost sooner: faster runs
     logging.getLogger("aperturedb_pool").setLevel(logging.CRITICAL)
     quick = sc.args.quick
     mode = "lines" if quick else "calls"

@@ -34,7 +34,8 @@ import _injection as inj  # noqa: E402
 import pytest  # noqa: E402
 from _support import wait_until  # noqa: E402
 
-import aperturedb_pool.pool as pool_mod  # noqa: E402
+import aperturedb_pool._maintenance as maintenance_mod  # noqa: E402
+from aperturedb_pool._lease import Lease  # noqa: E402
 from aperturedb_pool.testing.server import EmbeddedServer  # noqa: E402
 
 
@@ -53,14 +54,14 @@ def test_an_exception_at_every_line_of_the_lease_paths_breaks_nothing(
         caplog: pytest.LogCaptureFixture) -> None:
     # A slot lost to an interruption is declared lost after this long (1 s in
     # production); every run recovers well within the checks' 5 s.
-    monkeypatch.setattr(pool_mod, "_LOST_GRACE", 0.05)
+    monkeypatch.setattr(maintenance_mod, "_LOST_GRACE", 0.05)
     caplog.set_level(logging.CRITICAL, logger="aperturedb_pool")
     recorder = inj.Injector("lines")
     assert inj.run_once(server, recorder) == []
     points = sorted(recorder.seen, key=recorder.seen.__getitem__)
     files = {os.path.basename(p[0]) for p in points}
     # The scenario reaches the paths it exists for.
-    assert {"pool.py", "connectors.py", "retry.py"} <= files, files
+    assert {"pool.py", "_lease.py", "connectors.py", "retry.py"} <= files, files
     assert len(points) > 200, len(points)
 
     findings: list[str] = []
@@ -86,8 +87,8 @@ def test_a_lease_interrupted_while_it_returns_gives_its_connector_back(
     # use.  Interrupted at any line of its return, before the connector went
     # back, the lease gives it back itself; past that point the slot is found
     # lost and replaced.  Either way every slot comes back.
-    monkeypatch.setattr(pool_mod, "_LOST_GRACE", 0.05)
-    code = pool_mod.Lease.__exit__.__code__
+    monkeypatch.setattr(maintenance_mod, "_LOST_GRACE", 0.05)
+    code = Lease.__exit__.__code__
     lines = {line for _, _, line in code.co_lines() if line is not None}
     pool = inj.make_pool(server)
     try:

@@ -21,10 +21,25 @@ OPTIONAL = {"flask", "django", "matplotlib", "psutil", "termios", "pytest",
 IMPORT_NAME = {"protobuf": "google"}
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    # Every node but those under ``if TYPE_CHECKING:`` (read by type checkers
+    # only, never imported at run time).
+    found: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def _imports() -> set[str]:
     found: set[str] = set()
     for path in (ROOT / "aperturedb_pool").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 found.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

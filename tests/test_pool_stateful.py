@@ -1,11 +1,13 @@
 """A hypothesis state machine driving ConnectionPool with stand-in connectors.
 
-Random sequences of: leases (``with``-style and ``acquire()``), clean returns,
+Run twice: with the lease fast paths on, and with every lease on the locked
+paths (``_support.without_fast_paths``), so both copies of each lease rule meet
+the same invariants.  Random sequences of: leases (``with``-style and ``acquire()``), clean returns,
 returns after a query failed inside the lease (connector discarded), after a
 KeyboardInterrupt inside a query (discarded), after an exception in the
 caller's own code between queries (kept), explicit discards, queries on held
 connectors, waiter threads with short timeouts, ``retire_all()``, ``close()``
-and time passing (a shifted clock injected as ``aperturedb_pool.pool._monotonic``:
+and time passing (a shifted clock injected as the pool modules' ``_monotonic``:
 lifetimes, idle shrinking and keepalive pings happen without sleeping).
 
 Invariants checked after every step:
@@ -25,12 +27,12 @@ from __future__ import annotations
 import functools
 import math
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import _support
 import pytest
+from _support import ShiftedClock
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -44,58 +46,13 @@ from hypothesis.stateful import (
     rule,
 )
 
+import aperturedb_pool._maintenance as maintenance_mod
 import aperturedb_pool.pool as pool_mod
 from aperturedb_pool import ConnectionPool, PoolClosed, PoolTimeout
+from aperturedb_pool.testing._standin import StandIn
 
 JOIN = 10.0  # bound of joins and leases that must succeed
 WAIT = 2.0  # bound of waits for the background thread to close connectors
-
-
-class StandIn:
-    """A stand-in connector; detects concurrent use and use after close."""
-
-    def __init__(self) -> None:
-        self.clones: list[StandIn] = []
-        self.closed = False
-        self.inside = 0
-        self.overlaps = 0
-        self.late_use = 0
-        self.fail_next: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def clone(self) -> StandIn:
-        c = StandIn()
-        with self._lock:
-            self.clones.append(c)
-        return c
-
-    def query(self, q: Any, blobs: Any = None) -> Any:
-        with self._lock:
-            if self.closed:
-                self.late_use += 1
-            self.inside += 1
-            if self.inside > 1:
-                self.overlaps += 1
-        try:
-            if self.fail_next is not None:
-                e, self.fail_next = self.fail_next, None
-                raise e
-            name = next(iter(q[0]))
-            return [{name: {"status": 0}}], []
-        finally:
-            with self._lock:
-                self.inside -= 1
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class ShiftedClock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.monotonic() + self.offset
 
 
 wait_until = functools.partial(_support.wait_until, timeout=WAIT, poll=0.001)
@@ -111,12 +68,15 @@ class Held:
 
 class PoolMachine(RuleBasedStateMachine):
     leases = Bundle("leases")
+    # True: leases take the lock-free fast paths where they apply; False:
+    # every lease takes the locked paths (LockedPathsMachine), so both copies
+    # of each lease rule meet the same invariants.
+    fast = True
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = ShiftedClock()
-        self._saved_clock = pool_mod._monotonic
-        pool_mod._monotonic = self.clock
+        self._restore_clock = _support.swap_pool_clock(self.clock)
         self.template = StandIn()
         self.pool: ConnectionPool | None = None
         self.held: dict[int, Held] = {}          # my leases, by id(conn)
@@ -177,6 +137,8 @@ class PoolMachine(RuleBasedStateMachine):
             self.template, min_size=min_size, max_size=self.max_size, timeout=JOIN,
             keepalive_interval=keepalive, max_lifetime=lifetime, max_idle=max_idle,
             reconnect_initial=0.001, reconnect_max=0.01, name="machine")
+        if not self.fast:
+            _support.without_fast_paths(self.pool)
 
     # -- leasing ---------------------------------------------------------------
     @rule(target=leases, kind=st.sampled_from(["with", "acquire"]))
@@ -201,6 +163,9 @@ class PoolMachine(RuleBasedStateMachine):
             self.timeouts += 1
             return multiple()
         lease, conn = get(JOIN)
+        # The locked paths ran when the fast paths are off (only they note
+        # when the lease was asked for).
+        assert self.fast or hasattr(lease, "_req")
         self.granted += 1
         self.take(conn, "main")
         h = Held(kind, lease, conn, lease._slot)
@@ -212,7 +177,7 @@ class PoolMachine(RuleBasedStateMachine):
         if id(h.conn) not in self.held:
             return  # already returned through another path
         response, _ = h.conn.query([{"FindEntity": {}}])
-        assert response == [{"FindEntity": {"status": 0}}]
+        assert response == [{"FindEntity": {"status": 0, "returned": 0}}]
 
     @rule(h=consumes(leases),
           how=st.sampled_from(["clean", "query_failed", "keyboard", "caller_error", "discard"]))
@@ -331,7 +296,7 @@ class PoolMachine(RuleBasedStateMachine):
         with p._lock:
             # A fresh sample, so that the verdict holds until time passes
             # (a verdict without one lapses at the next stats()).
-            p._cpu_mark = (pool_mod._monotonic(), 0.0)
+            p._fair.mark = (pool_mod._monotonic(), 0.0)
             p._set_cpu_bound(bound)
             queue = p._waiters
             got = p._overdue_at
@@ -365,7 +330,8 @@ class PoolMachine(RuleBasedStateMachine):
         opened = s.connectors_opened
         # Clones not yet counted as opened are opens in flight: at most one
         # per opener thread.
-        assert opened <= len(self.template.clones) <= opened + pool_mod._MAX_PARALLEL_OPENS
+        assert (opened <= len(self.template.clones) <=
+                opened + maintenance_mod._MAX_PARALLEL_OPENS)
         dropped = sum(s.discarded.values())
         if self.closed:
             assert opened >= s.size + dropped
@@ -404,10 +370,18 @@ class PoolMachine(RuleBasedStateMachine):
                 wait_until(lambda: self.p.stats().connectors_closed ==
                            self.p.stats().connectors_opened, "closed == opened")
         finally:
-            pool_mod._monotonic = self._saved_clock
+            self._restore_clock()
 
 
 PoolMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_pool_state_machine = PoolMachine.TestCase
+
+
+class LockedPathsMachine(PoolMachine):
+    fast = False
+
+
+LockedPathsMachine.TestCase.settings = PoolMachine.TestCase.settings
+test_pool_state_machine_on_the_locked_paths = LockedPathsMachine.TestCase

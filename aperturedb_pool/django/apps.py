@@ -5,8 +5,10 @@ from __future__ import annotations
 from django.apps import AppConfig
 from django.core import checks
 
+__all__ = ["ApertureDBPoolConfig"]
 
-class ApertureDBPoolConfig(AppConfig):
+
+class ApertureDBPoolConfig(AppConfig):  # type: ignore[misc]  # (Django is untyped here)
     name = "aperturedb_pool.django"
     label = "aperturedb_pool"
     verbose_name = "ApertureDB connection pool"

@@ -140,7 +140,7 @@ def compile_constraints(spec: Any, where: str) -> Callable[[Entity], bool] | Non
     raise CommandError(f"{where}: constraints must be an object or an expression list")
 
 
-def _compile_group(spec: dict, conj: str, where: str) -> Callable[[Entity], bool]:
+def _compile_group(spec: dict[str, Any], conj: str, where: str) -> Callable[[Entity], bool]:
     terms: list[Callable[[Entity], bool]] = []
     for key, ops in spec.items():
         if key in ("any", "all") and isinstance(ops, dict):
@@ -158,7 +158,7 @@ def _compile_group(spec: dict, conj: str, where: str) -> Callable[[Entity], bool
                 raise CommandError(f"{where}: operator {op!r} on {key!r} needs a list")
             pairs.append((op, value))
 
-        def term(e: Entity, key: str = key, pairs: list = pairs) -> bool:
+        def term(e: Entity, key: str = key, pairs: list[Any] = pairs) -> bool:
             have = _prop(e, key)
             if have is _MISSING:
                 return False
@@ -188,7 +188,7 @@ def _literal(value: Any, where: str) -> Any:
     return value
 
 
-def _compile_expr(expr: list, where: str) -> Callable[[Entity], bool]:
+def _compile_expr(expr: list[Any], where: str) -> Callable[[Entity], bool]:
     if not expr:
         raise CommandError(f"{where}: empty constraint expression")
     head = expr[0]
@@ -225,7 +225,7 @@ def _compile_expr(expr: list, where: str) -> Callable[[Entity], bool]:
     return term
 
 
-def _as_list(x: Any, where: str) -> list:
+def _as_list(x: Any, where: str) -> list[Any]:
     if not isinstance(x, list):
         raise CommandError(f"{where}: a constraint expression must be a list, got {x!r}")
     return x
@@ -475,7 +475,7 @@ def _failed(info: str) -> dict[str, Any]:
     return {"status": STATUS_ERROR, "info": info}
 
 
-def _number(where: str, params: dict, key: str, *, integer: bool = False,
+def _number(where: str, params: dict[str, Any], key: str, *, integer: bool = False,
             required: bool = True, minimum: float | None = None) -> Any:
     value = params.get(key)
     if value is None and not required:
@@ -545,7 +545,7 @@ class _Transaction:
         return {name: fn(self, where, params) if kind is None else fn(self, where, params, kind)}
 
     # --- helpers ----------------------------------------------------------------
-    def _class_of(self, where: str, params: dict, kind: str, key: str) -> str | None:
+    def _class_of(self, where: str, params: dict[str, Any], kind: str, key: str) -> str | None:
         fixed = _OBJECT_CLASSES[kind]
         if fixed is not None:
             return fixed
@@ -556,7 +556,7 @@ class _Transaction:
             raise CommandError(f"{where}: {key!r} must be a non-empty string")
         return cls
 
-    def _bind(self, where: str, params: dict, found: list[Entity]) -> None:
+    def _bind(self, where: str, params: dict[str, Any], found: list[Entity]) -> None:
         ref = params.get("_ref")
         if ref is None:
             return
@@ -581,7 +581,7 @@ class _Transaction:
         # index is built once, on its first use).
         return min((self.store._prop_index(cls, p).lookup(v) for p, v in terms), key=len)
 
-    def _select(self, where: str, params: dict, kind: str, class_key: str) -> list[Entity]:
+    def _select(self, where: str, params: dict[str, Any], kind: str, class_key: str) -> list[Entity]:
         """Objects chosen by ``ref`` and/or class + constraints, in id order."""
         if kind == "Connection":
             return self._select_connections(where, params)
@@ -652,7 +652,7 @@ class _Transaction:
                     linked.add(c.dst)
         return linked
 
-    def _select_connections(self, where: str, params: dict) -> list[Entity]:
+    def _select_connections(self, where: str, params: dict[str, Any]) -> list[Entity]:
         cls = params.get("with_class")
         if cls is not None and (not isinstance(cls, str) or not cls):
             raise CommandError(f"{where}: 'with_class' must be a non-empty string")
@@ -683,7 +683,7 @@ class _Transaction:
             out.append(c)
         return out
 
-    def _properties(self, where: str, params: dict, key: str = "properties") -> dict:
+    def _properties(self, where: str, params: dict[str, Any], key: str = "properties") -> dict[str, Any]:
         props = params.get(key, {})
         if props is None:
             props = {}
@@ -747,7 +747,7 @@ class _Transaction:
         self.undo.append(partial(store._unlink, c))
         return c
 
-    def _owner(self, where: str, params: dict, key: str, cls: str) -> Entity | None:
+    def _owner(self, where: str, params: dict[str, Any], key: str, cls: str) -> Entity | None:
         """The one object of ``cls`` that ``params[key]`` (a '_ref') names, if given."""
         ref = params.get(key)
         if ref is None:
@@ -777,7 +777,7 @@ class _Transaction:
         return np.frombuffer(data, dtype=np.float32)
 
     # --- commands ---------------------------------------------------------------
-    def _add(self, where: str, params: dict, kind: str) -> dict[str, Any]:
+    def _add(self, where: str, params: dict[str, Any], kind: str) -> dict[str, Any]:
         if kind == "Connection":
             return self._add_connection(where, params)
         cls = self._class_of(where, params, kind, "class")
@@ -824,7 +824,7 @@ class _Transaction:
             src, dst = (ent, other) if direction == "out" else (other, ent)
             self._connect(cls, src, dst, dict(props))
 
-    def _add_connection(self, where: str, params: dict) -> dict[str, Any]:
+    def _add_connection(self, where: str, params: dict[str, Any]) -> dict[str, Any]:
         cls = params.get("class")
         if not isinstance(cls, str) or not cls:
             raise CommandError(f"{where}: 'class' is required (a non-empty string)")
@@ -852,7 +852,7 @@ class _Transaction:
         self._bind(where, params, made)
         return {"status": STATUS_OK}
 
-    def _find(self, where: str, params: dict, kind: str) -> dict[str, Any]:
+    def _find(self, where: str, params: dict[str, Any], kind: str) -> dict[str, Any]:
         found = self._select(where, params, kind, "with_class")
         results = params.get("results") or {}
         if not isinstance(results, dict):
@@ -919,7 +919,7 @@ class _Transaction:
             out["returned"] = 0
         return out
 
-    def _knn(self, where: str, params: dict,
+    def _knn(self, where: str, params: dict[str, Any],
              found: list[Entity]) -> tuple[list[Entity], dict[int, float]]:
         """Exact k nearest neighbours of the query's next blob within ``found``."""
         import numpy as np
@@ -967,7 +967,7 @@ class _Transaction:
                 f"{where}: property {key!r} has values that cannot be ordered") from None
         return have + missing
 
-    def _update(self, where: str, params: dict, kind: str) -> dict[str, Any]:
+    def _update(self, where: str, params: dict[str, Any], kind: str) -> dict[str, Any]:
         props = self._properties(where, params)
         remove = params.get("remove_props", [])
         if not isinstance(remove, list) or not all(isinstance(k, str) for k in remove):
@@ -985,17 +985,17 @@ class _Transaction:
             self.undo.append(lambda e=e, old=old: store._set_props(e, old))  # type: ignore[misc]
         return {"status": STATUS_OK, "count": len(found)}
 
-    def _delete(self, where: str, params: dict, kind: str) -> dict[str, Any]:
+    def _delete(self, where: str, params: dict[str, Any], kind: str) -> dict[str, Any]:
         found = self._select(where, params, kind, "with_class")
         for e in found:
             self._remove(e)
         return {"status": STATUS_OK, "count": len(found)}
 
-    def _get_status(self, where: str, params: dict) -> dict[str, Any]:
+    def _get_status(self, where: str, params: dict[str, Any]) -> dict[str, Any]:
         return {"status": STATUS_OK, "info": "OK", "system": "ApertureDB",
                 "version": SERVER_VERSION}
 
-    def _user_log_message(self, where: str, params: dict) -> dict[str, Any]:
+    def _user_log_message(self, where: str, params: dict[str, Any]) -> dict[str, Any]:
         # Utils.user_log_message(): the real server writes the text to its log;
         # this one checks the shape and keeps nothing.
         text, level = params.get("text"), params.get("type", "INFO")
@@ -1005,7 +1005,7 @@ class _Transaction:
             raise CommandError(f"{where}: 'type' must be INFO, WARNING or ERROR, got {level!r}")
         return {"status": STATUS_OK}
 
-    def _get_schema(self, where: str, params: dict) -> dict[str, Any]:
+    def _get_schema(self, where: str, params: dict[str, Any]) -> dict[str, Any]:
         classes = _summarise(self.objects.values())
         conns = _summarise(self.store.connections.values())
         for cls, summary in conns.items():
@@ -1022,7 +1022,7 @@ class _Transaction:
         return {"status": STATUS_OK, "entities": entities, "connections": connections}
 
     # --- indexes ----------------------------------------------------------------
-    def _index_key(self, where: str, params: dict,
+    def _index_key(self, where: str, params: dict[str, Any],
                    optional: bool = False) -> tuple[Any, Any, Any, Any]:
         target = params.get("index_type", params.get("target"))
         cls = params.get("class")
@@ -1040,7 +1040,7 @@ class _Transaction:
             raise CommandError(f"{where}: 'target' must be 'entity' or 'connection'")
         return target, cls, prop, kind
 
-    def _create_index(self, where: str, params: dict) -> dict[str, Any]:
+    def _create_index(self, where: str, params: dict[str, Any]) -> dict[str, Any]:
         key = self._index_key(where, params)
         declared = self.store.declared
         if key in declared:
@@ -1051,7 +1051,7 @@ class _Transaction:
             self.store._prop_index(key[1], key[2])  # equality look-ups use it from now on
         return {"status": STATUS_OK}
 
-    def _remove_index(self, where: str, params: dict) -> dict[str, Any]:
+    def _remove_index(self, where: str, params: dict[str, Any]) -> dict[str, Any]:
         key = self._index_key(where, params)
         if key in BUILTIN_INDEXES:
             raise CommandError(f"{where}: the built-in index {key[1]}.{key[2]} cannot be "
@@ -1064,9 +1064,9 @@ class _Transaction:
         self.undo.append(lambda: declared.__setitem__(key, params_))
         return {"status": STATUS_OK}
 
-    def _get_indexes(self, where: str, params: dict) -> dict[str, Any]:
+    def _get_indexes(self, where: str, params: dict[str, Any]) -> dict[str, Any]:
         want = self._index_key(where, params, optional=True)
-        grouped: dict[str, dict[str, dict[str, list]]] = {}
+        grouped: dict[str, dict[str, dict[str, list[Any]]]] = {}
         for key, extra in sorted(self.store.declared.items()):
             if any(w is not None and w != k for w, k in zip(want, key, strict=True)):
                 continue
@@ -1095,7 +1095,7 @@ def _summarise(objs: Iterable[Entity]) -> dict[str, dict[str, Any]]:
     return classes
 
 
-def _check_special_value(where: str, key: str, value: dict) -> None:
+def _check_special_value(where: str, key: str, value: dict[str, Any]) -> None:
     """Property values that are objects must be a valid ``{"_date": ...}``."""
     if "_date" in value:
         d = value["_date"]
@@ -1117,8 +1117,8 @@ def _valid_date(text: str) -> bool:
     return True
 
 
-def _setup_bounding_box(tx: _Transaction, where: str, params: dict,
-                        props: dict) -> tuple[str, Entity] | None:
+def _setup_bounding_box(tx: _Transaction, where: str, params: dict[str, Any],
+                        props: dict[str, Any]) -> tuple[str, Entity] | None:
     rect = params.get("rectangle")
     if not isinstance(rect, dict):
         raise CommandError(f"{where}: 'rectangle' {{x, y, width, height}} is required")
@@ -1129,8 +1129,8 @@ def _setup_bounding_box(tx: _Transaction, where: str, params: dict,
     return None if image is None else ("_ImageToBoundingBox", image)
 
 
-def _setup_polygon(tx: _Transaction, where: str, params: dict,
-                   props: dict) -> tuple[str, Entity] | None:
+def _setup_polygon(tx: _Transaction, where: str, params: dict[str, Any],
+                   props: dict[str, Any]) -> tuple[str, Entity] | None:
     polygons = params.get("polygons")
     if not isinstance(polygons, list) or not polygons:
         raise CommandError(f"{where}: 'polygons' (a list of lists of [x, y]) is required")
@@ -1141,16 +1141,16 @@ def _setup_polygon(tx: _Transaction, where: str, params: dict,
 
 
 def _setup_video_part(link: str) -> Callable[..., tuple[str, Entity] | None]:
-    def setup(tx: _Transaction, where: str, params: dict,
-              props: dict) -> tuple[str, Entity] | None:
+    def setup(tx: _Transaction, where: str, params: dict[str, Any],
+              props: dict[str, Any]) -> tuple[str, Entity] | None:
         _copy_label(where, params, props)
         video = tx._owner(where, params, "video_ref", "_Video")
         return None if video is None else (link, video)
     return setup
 
 
-def _setup_descriptor_set(tx: _Transaction, where: str, params: dict,
-                          props: dict) -> None:
+def _setup_descriptor_set(tx: _Transaction, where: str, params: dict[str, Any],
+                          props: dict[str, Any]) -> None:
     name = params.get("name")
     if not isinstance(name, str) or not name:
         raise CommandError(f"{where}: 'name' must be a non-empty string")
@@ -1169,15 +1169,15 @@ def _setup_descriptor_set(tx: _Transaction, where: str, params: dict,
     return None
 
 
-def _setup_descriptor(tx: _Transaction, where: str, params: dict,
-                      props: dict) -> tuple[str, Entity]:
+def _setup_descriptor(tx: _Transaction, where: str, params: dict[str, Any],
+                      props: dict[str, Any]) -> tuple[str, Entity]:
     dset = tx._descriptor_set(where, params.get("set"))
     props["_set_name"] = dset.props["_name"]
     _copy_label(where, params, props)
     return ("_DescriptorSetToDescriptor", dset)
 
 
-def _copy_label(where: str, params: dict, props: dict) -> None:
+def _copy_label(where: str, params: dict[str, Any], props: dict[str, Any]) -> None:
     label = params.get("label")
     if label is not None:
         if not isinstance(label, str):
@@ -1214,7 +1214,7 @@ _FIND_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
                       ("engines", "_engines")),
 }
 
-_HANDLERS: dict[str, Callable[[_Transaction, str, dict], dict[str, Any]]] = {
+_HANDLERS: dict[str, Callable[[_Transaction, str, dict[str, Any]], dict[str, Any]]] = {
     "GetStatus": _Transaction._get_status,
     "GetSchema": _Transaction._get_schema,
     "CreateIndex": _Transaction._create_index,

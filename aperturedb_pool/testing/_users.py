@@ -77,7 +77,8 @@ class Users:
         """Run one command; returns (answer, user whose sessions must end or None)."""
         if not isinstance(params, dict):
             raise UserError(f"{name}: parameters must be an object")
-        return getattr(self, "_" + name)(params)
+        answer: tuple[dict[str, Any], str | None] = getattr(self, "_" + name)(params)
+        return answer
 
     def _objects(self, params: dict[str, Any], where: str) -> dict[str, bool]:
         objects = params.get("objects", {})

@@ -13,7 +13,9 @@ import os
 import signal
 import sys
 import threading
-from typing import Sequence
+from typing import Any, Sequence
+
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +80,7 @@ def _freeze_after_full_collections() -> None:
     """
     full = [0]
 
-    def after(phase: str, info: dict) -> None:
+    def after(phase: str, info: dict[str, Any]) -> None:
         if phase == "stop" and info.get("generation") == 2:
             full[0] += 1
             if full[0] % 16 == 0:

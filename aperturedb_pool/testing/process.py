@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from aperturedb_pool.testing._wire import (
     CONTROL_PROTOCOL,
@@ -120,10 +120,10 @@ class ServerControl:
 
     # The same fault and counter methods as EmbeddedServer.
     def drop_connections(self) -> int:
-        return self.call("drop_connections")
+        return cast(int, self.call("drop_connections"))
 
     def restart(self) -> int:
-        return self.call("restart")
+        return cast(int, self.call("restart"))
 
     def refuse_connections(self, seconds: float) -> None:
         self.call("refuse_connections", seconds)
@@ -144,19 +144,19 @@ class ServerControl:
         self.call("set_max_clients", n)
 
     def counters(self) -> dict[str, Any]:
-        return self.call("counters")
+        return cast("dict[str, Any]", self.call("counters"))
 
     def reset_counters(self) -> None:
         self.call("reset_counters")
 
     def dump(self) -> list[dict[str, Any]]:
-        return self.call("dump")
+        return cast("list[dict[str, Any]]", self.call("dump"))
 
     def clear_store(self) -> None:
         self.call("clear_store")
 
     def ping(self) -> str:
-        return self.call("ping")
+        return cast(str, self.call("ping"))
 
 
 def _cli_args(host: str, port: int, tls: bool, certfile: str | None, keyfile: str | None,
@@ -216,7 +216,7 @@ class ServerProcess(ServerControl):
         self._argv = [python or sys.executable, "-m", "aperturedb_pool", "serve"] + _cli_args(
             host, port, tls, certfile, keyfile, username, password, auth, session_ttl,
             refresh_ttl, latency, tokens, idle_timeout, max_clients)
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> tuple[str, int]:

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import pytest
 
+__all__ = ["adb_server", "adb_connector", "adb_tls_server", "adb_tls_connector"]
+
 
 @pytest.fixture
 def adb_server() -> Iterator[Any]:

@@ -33,7 +33,8 @@ import struct
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterable
+from enum import IntEnum
+from typing import Any, Callable, Iterable, cast
 
 from aperturedb_pool.testing._store import SUPPORTED_COMMANDS, Store
 from aperturedb_pool.testing._users import USER_COMMANDS, UserError, Users
@@ -64,12 +65,21 @@ try:  # bytes waiting in a socket's receive queue, without reading them
 except (ImportError, AttributeError):  # pragma: no cover - not a POSIX system
     _FIONREAD = None
 
-# Connection states.
-_HELLO = 0       # waiting for the 8-byte hello
-_WAITING = 1     # hello read, waiting for a client slot (max_clients)
-_HANDSHAKE = 2   # TLS handshake in progress
-_READY = 3       # serving requests
-_CONTROL = 4     # control channel (framed JSON)
+class ConnState(IntEnum):
+    """A server connection's state."""
+
+    HELLO = 0  # waiting for the 8-byte hello
+    WAITING = 1  # hello read, waiting for a client slot (max_clients)
+    HANDSHAKE = 2  # TLS handshake in progress
+    READY = 3  # serving requests
+    CONTROL = 4  # control channel (framed JSON)
+
+
+_HELLO = ConnState.HELLO
+_WAITING = ConnState.WAITING
+_HANDSHAKE = ConnState.HANDSHAKE
+_READY = ConnState.READY
+_CONTROL = ConnState.CONTROL
 
 # The session-rejected answer: a single object, not a list; the query did not run.
 _REJECTED_JSON = json.dumps({"status": -1, "info": "Not Authenticated!", "code": "unauthenticated"})
@@ -99,8 +109,9 @@ class _Poller:
 
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
         if self._ms:  # pragma: no cover
-            return self._ep.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
-        return self._ep.poll(-1 if timeout is None else timeout)
+            return cast("list[tuple[int, int]]", self._ep.poll(
+                None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+        return cast("list[tuple[int, int]]", self._ep.poll(-1 if timeout is None else timeout))
 
     def close(self) -> None:
         if not self._ms:
@@ -117,10 +128,10 @@ class _Conn:
     def __init__(self, sock: socket.socket, now: float, peer: Any) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.state = _HELLO
+        self.state: ConnState = _HELLO
         self.kind = "unknown"          # "client" or "control" once the hello is read
         self.rbuf = bytearray()        # received bytes (plaintext) not yet consumed
-        self.out: collections.deque = collections.deque()  # raw bytes not yet sent
+        self.out: collections.deque[Any] = collections.deque()  # raw bytes not yet sent
         self.tls: ssl.SSLObject | None = None
         self.inbio: ssl.MemoryBIO | None = None
         self.outbio: ssl.MemoryBIO | None = None
@@ -225,7 +236,7 @@ class EmbeddedServer:
 
         # --- threading ---
         self._calls_lock = threading.Lock()   # guards _calls and _running
-        self._calls: collections.deque = collections.deque()
+        self._calls: collections.deque[Any] = collections.deque()
         self._running = False
         self._stopping = False
         self._started = False
@@ -384,11 +395,11 @@ class EmbeddedServer:
     # ------------------------------------------------------------------ public faults
     def drop_connections(self) -> int:
         """Close every open client connection now; returns how many."""
-        return self._call(self._do_drop)
+        return cast(int, self._call(self._do_drop))
 
     def restart(self) -> int:
         """Drop every connection and forget every session (the store is kept)."""
-        return self._call(self._do_restart)
+        return cast(int, self._call(self._do_restart))
 
     def refuse_connections(self, seconds: float) -> None:
         """For ``seconds``, new connections are reset right after their hello."""
@@ -432,7 +443,7 @@ class EmbeddedServer:
         ``fault_closed``, ``garbage_sent``, ``failed_transactions``,
         ``control_requests``, ``sessions`` (live sessions).
         """
-        return self._call(self._snapshot_counters)
+        return cast("dict[str, Any]", self._call(self._snapshot_counters))
 
     def reset_counters(self) -> None:
         """Zero every counter (``open`` and ``waiting`` are live values, not reset)."""
@@ -440,7 +451,7 @@ class EmbeddedServer:
 
     def dump(self) -> list[dict[str, Any]]:
         """Every stored object: ``_uniqueid``, ``class``, ``properties``, ``blob_size``."""
-        return self._call(self._store.dump)
+        return cast("list[dict[str, Any]]", self._call(self._store.dump))
 
     def clear_store(self) -> None:
         """Delete every stored object."""
@@ -1010,7 +1021,7 @@ class EmbeddedServer:
         self._sessions.pop(entry[1], None)  # the old session token is rotated away
         return [{"RefreshToken": self._issue(self._session_user.pop(entry[1], None))}]
 
-    def _authenticate(self, params: dict) -> dict[str, Any]:
+    def _authenticate(self, params: dict[str, Any]) -> dict[str, Any]:
         self._counters["authenticate"] += 1
         user = params.get("username")
         password = params.get("password")
@@ -1037,7 +1048,7 @@ class EmbeddedServer:
         return self._issue(who)
 
     # --- users, roles, tokens ---
-    def _user_commands(self, query: list, names: list[str]) -> Any:
+    def _user_commands(self, query: list[Any], names: list[str]) -> Any:
         """A query of user-management commands, all or nothing."""
         if len(names) != len(query) or not USER_COMMANDS.issuperset(names):
             return {"status": -1, "info": "user, role and token commands ("
