@@ -236,13 +236,16 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) 
 # -- jobs ---------------------------------------------------------------------
 
 class _End:
-    """The command that ends a lease job."""
+    """The command that ends a lease job; ``done`` (if any) is settled once the
+    connector is back in ``sync_pool``."""
 
-    __slots__ = ("error", "discard")
+    __slots__ = ("error", "discard", "done")
 
-    def __init__(self, error: BaseException | None, discard: bool) -> None:
+    def __init__(self, error: BaseException | None, discard: bool,
+                 done: asyncio.Future[None] | None = None) -> None:
         self.error = error
         self.discard = discard
+        self.done = done
 
 
 class _Job:
@@ -289,10 +292,17 @@ class _LeaseJob(_Job):
                     return
                 continue
             if isinstance(cmd, _End):
-                if cmd.discard:
-                    lease.discard(cmd.error)
-                else:
-                    lease.release(cmd.error)
+                try:
+                    if cmd.discard:
+                        lease.discard(cmd.error)
+                    else:
+                        lease.release(cmd.error)
+                except BaseException as e:  # pragma: no cover - a bug: tell the task
+                    if cmd.done is not None:
+                        _post(loop, _settle, cmd.done, None, e)
+                    raise
+                if cmd.done is not None:
+                    _post(loop, _settle, cmd.done, None, None)
                 return
             q, blobs, fut = cmd
             try:
@@ -449,15 +459,20 @@ class AsyncLease:
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self._end(ev, False)
+        # Back in the pool when the block is left (its stats say so).  A
+        # cancellation landing here stops the wait only: the lease has ended.
+        await self._end(ev, False)
 
-    def release(self, error: BaseException | None = None) -> None:
-        """Return the connector.  Pass the exception that ended the work, if any."""
-        self._end(error, False)
+    def release(self, error: BaseException | None = None) -> asyncio.Future[None]:
+        """Return the connector.  Pass the exception that ended the work, if any.
 
-    def discard(self, error: BaseException | None = None) -> None:
-        """Return the connector to be closed rather than reused."""
-        self._end(error, True)
+        Returns a future that is done once the connector is back in the pool
+        (its worker runs the release); awaiting it is optional."""
+        return self._end(error, False)
+
+    def discard(self, error: BaseException | None = None) -> asyncio.Future[None]:
+        """Return the connector to be closed rather than reused (see ``release``)."""
+        return self._end(error, True)
 
     async def _acquire(self) -> None:
         if self._state is not _PENDING:
@@ -472,17 +487,19 @@ class AsyncLease:
         self._conn = AsyncConnector(self)
         self._state = _ACTIVE
 
-    def _end(self, error: BaseException | None, discard: bool) -> None:
+    def _end(self, error: BaseException | None, discard: bool) -> asyncio.Future[None]:
         if self._state is not _ACTIVE:
             raise LeaseError("this lease was already released" if self._state is _ENDED else
                              "this lease was never acquired")
-        self._pool._check_loop()
+        loop = self._pool._check_loop()
         job = self._job
         assert job is not None
         self._state = _ENDED
+        done: asyncio.Future[None] = loop.create_future()
         # A query of this lease was cancelled: its connector is owed an
         # answer or shut down, never reused.
-        job.inbox.put(_End(error, discard or job.abort.aborted))
+        job.inbox.put(_End(error, discard or job.abort.aborted, done))
+        return done
 
     async def _query(self, q: Any, blobs: Any) -> Any:
         if self._state is not _ACTIVE:
