@@ -348,6 +348,7 @@ def test_500_tasks_on_8_connectors_with_a_fifth_cancelled_at_random_points(
             adb_server.set_latency((0.0005, 0.004))
             wrong: list[tuple[int, int]] = []
             done = [0]
+            leased: set[int] = set()  # tasks holding a lease (their query in flight)
 
             async def job(i: int) -> None:
                 for j in range(3):
@@ -356,18 +357,27 @@ def test_500_tasks_on_8_connectors_with_a_fifth_cancelled_at_random_points(
                         response, _ = await pool.query(tag(k))
                     else:
                         async with pool.lease() as conn:
-                            response, _ = await conn.query(tag(k))
+                            leased.add(i)
+                            try:
+                                response, _ = await conn.query(tag(k))
+                            finally:
+                                leased.discard(i)
                     if answer(response) != k:
                         wrong.append((k, answer(response)))
                     done[0] += 1
+                    await asyncio.sleep(0)
 
             tasks = [asyncio.ensure_future(job(i)) for i in range(500)]
-            doomed = rng.sample(range(500), 100)
-            # Cancel at random points: queued, waiting for a worker, in flight
-            # on a lease or in pool.query, between queries.
-            for i in doomed:
-                await asyncio.sleep(rng.uniform(0, 0.004))
-                tasks[i].cancel()
+            # Cancel 100 at random points: queued for a worker, waiting for a
+            # connector, in flight on a lease or in pool.query, between queries.
+            left = set(range(500))
+            for _ in range(100):
+                await asyncio.sleep(rng.uniform(0, 0.003))
+                running = sorted(leased & left)
+                pick = rng.choice(running) if running and rng.random() < 0.5 else \
+                    rng.choice(sorted(left))
+                left.discard(pick)
+                tasks[pick].cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             failures = [r for r in results if isinstance(r, BaseException)
                         and not isinstance(r, asyncio.CancelledError)]
@@ -385,6 +395,9 @@ def test_500_tasks_on_8_connectors_with_a_fifth_cancelled_at_random_points(
             await asyncio.to_thread(wait_until, lambda: adb_server.counters()["open"] == 8,
                                     "the server's connections back to 8")
             assert sum(s.discarded.values()) == s.connectors_opened - 8
+            # Many were cancelled with their query in flight: those connectors
+            # were discarded (never reused) and replaced.
+            assert s.discarded.get("interrupted", 0) >= 10, dict(s.discarded)
             # The pool still answers right on every connector.
             got = await asyncio.gather(*[pool.query(tag(k)) for k in range(n_tags)])
             assert [answer(r) for r, _ in got] == list(range(n_tags))
@@ -393,3 +406,32 @@ def test_500_tasks_on_8_connectors_with_a_fifth_cancelled_at_random_points(
     c = adb_server.counters()
     assert c["sharing_violations"] == 0
     wait_until(lambda: adb_server.counters()["open"] == 0, "the pool's connections closed")
+
+
+def test_no_query_runs_on_the_event_loop_thread(adb_server: Any, run: Any) -> None:
+    template = adb_server.connector()
+    threads: set[int] = set()
+
+    def factory() -> Any:
+        conn = template.clone()
+        sdk_query = conn.query
+
+        def query(q: Any, blobs: Any = None) -> Any:  # under the pool's own wrapper
+            threads.add(threading.get_ident())
+            return sdk_query(q, blobs)
+        conn.query = query
+        return conn
+
+    async def main() -> int:
+        async with AsyncConnectionPool(connector_factory=factory, min_size=2, max_size=4,
+                                       check_ownership=True) as pool:
+            async def lease_one() -> None:
+                async with pool.lease() as conn:
+                    await conn.query([{"GetStatus": {}}])
+            await asyncio.gather(*[lease_one() for _ in range(20)],
+                                 *[pool.query([{"GetStatus": {}}]) for _ in range(20)])
+        return threading.get_ident()
+
+    loop_thread = run(main)
+    assert threads and loop_thread not in threads
+    assert adb_server.counters()["requests_by_command"]["GetStatus"] >= 40
