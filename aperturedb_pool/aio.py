@@ -107,6 +107,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import queue
 import socket
 import threading
@@ -225,11 +226,24 @@ def _grant(job: _LeaseJob, lease: Lease) -> None:
         job.future.set_result(lease)
 
 
-def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> bool:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop is closed: nobody will read it
+def _post(shared: _Shared, fn: Callable[..., None], *args: Any) -> bool:
+    """From a worker: run ``fn(*args)`` on the pool's loop.  False if the loop
+    is closed (nobody will ever run it)."""
+    loop = shared.loop
+    assert loop is not None
+    if loop.is_closed():
         return False
+    shared.results.append((fn, args))
+    # One wake-up of the loop for every batch of results: a wake-up is a
+    # system call here and a loop iteration there.  The loop clears
+    # ``posted`` before it drains (see _Shared.drain): a result appended
+    # after the drain's last look finds it clear and schedules another.
+    if not shared.posted:
+        shared.posted = True
+        try:
+            loop.call_soon_threadsafe(shared.drain)
+        except RuntimeError:  # closed since the test above
+            return False
     return True
 
 
@@ -276,9 +290,9 @@ class _LeaseJob(_Job):
         try:
             lease = shared.pool.acquire(max(0.0, self.deadline - _monotonic()))
         except BaseException as e:
-            _post(loop, _settle, self.future, None, e)
+            _post(shared, _settle, self.future, None, e)
             return
-        if not _post(loop, _grant, self, lease):
+        if not _post(shared, _grant, self, lease):
             lease.release()
             return
         conn = lease.conn
@@ -299,18 +313,18 @@ class _LeaseJob(_Job):
                         lease.release(cmd.error)
                 except BaseException as e:  # pragma: no cover - a bug: tell the task
                     if cmd.done is not None:
-                        _post(loop, _settle, cmd.done, None, e)
+                        _post(shared, _settle, cmd.done, None, e)
                     raise
                 if cmd.done is not None:
-                    _post(loop, _settle, cmd.done, None, None)
+                    _post(shared, _settle, cmd.done, None, None)
                 return
             q, blobs, fut = cmd
             try:
                 result = _exchange(self.abort, conn, q, blobs)
             except BaseException as e:
-                _post(loop, _settle, fut, None, e)
+                _post(shared, _settle, fut, None, e)
             else:
-                _post(loop, _settle, fut, result, None)
+                _post(shared, _settle, fut, result, None)
 
 
 class _QueryJob(_Job):
@@ -326,8 +340,6 @@ class _QueryJob(_Job):
         self.retry = retry
 
     def run(self, shared: _Shared) -> None:
-        loop = shared.loop
-        assert loop is not None
         abort, q, blobs = self.abort, self.q, self.blobs
         if abort.aborted:
             return
@@ -342,9 +354,9 @@ class _QueryJob(_Job):
                 body, idempotent=self.idempotent, retry=self.retry,
                 describe=lambda: _describe_query(q), attempt_timeout=self.timeout)
         except BaseException as e:
-            _post(loop, _settle, self.future, None, e)
+            _post(shared, _settle, self.future, None, e)
         else:
-            _post(loop, _settle, self.future, result, None)
+            _post(shared, _settle, self.future, result, None)
 
 
 class _Shared:
@@ -359,8 +371,28 @@ class _Shared:
         self.wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.idle: deque[int] = deque()  # one entry per worker blocked on ``wake``
         self.aborts: queue.SimpleQueue[_Abort | None] = queue.SimpleQueue()
+        # Results posted by workers, run on the loop by drain(); ``posted``:
+        # a drain is scheduled (see _post).
+        self.results: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self.posted = False
         self.workers = 0
         self.stopping = False
+
+    def drain(self) -> None:
+        # On the loop's thread.  Cleared first: see _post.
+        self.posted = False
+        results = self.results
+        while True:
+            try:
+                fn, args = results.popleft()
+            except IndexError:
+                return
+            try:
+                fn(*args)
+            except Exception as e:  # pragma: no cover - the callbacks only settle futures
+                assert self.loop is not None
+                self.loop.call_exception_handler({"message": "aperturedb_pool.aio: a result "
+                                                  "could not be delivered", "exception": e})
 
     def stop(self) -> None:
         # Any thread (close(), or the finalizer of a pool never closed).
@@ -481,7 +513,7 @@ class AsyncLease:
         loop = pool._check_loop()
         job = _LeaseJob(loop.create_future())
         pool._submit(job, self._timeout)
-        lease = await pool._wait(job, loop)
+        lease = await pool._wait(job)
         assert isinstance(lease, Lease)
         self._job = job
         self._conn = AsyncConnector(self)
@@ -556,6 +588,9 @@ class AsyncConnectionPool:
         self._closed = False
         self._timeouts = 0  # tasks that timed out waiting for a worker
         self._rejected = 0  # tasks refused by max_waiting
+        # The timer that fails queued jobs at their deadline (_sweep_jobs).
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
         # Stops the threads of a pool dropped without close() (they refer to
         # _shared only, never to this object).
         self._stop_threads = weakref.finalize(self, self._shared.stop)
@@ -622,6 +657,8 @@ class AsyncConnectionPool:
             if not job.future.done():
                 job.future.set_exception(PoolClosed(f"pool {self.name!r} was closed while "
                                                     f"waiting"))
+        if self._sweep is not None:
+            self._sweep.cancel()
         await asyncio.to_thread(self._sync.close, timeout)
         self._stop_threads()
 
@@ -669,7 +706,7 @@ class AsyncConnectionPool:
         job = _QueryJob(loop.create_future(), q, [] if blobs is None else blobs,
                         bool(idempotent), timeout, retry)
         self._submit(job, None)
-        return await self._wait(job, loop)
+        return await self._wait(job)
 
     # -- internals (all on the loop's thread) ---------------------------------
     def _check_loop(self) -> asyncio.AbstractEventLoop:
@@ -703,26 +740,48 @@ class AsyncConnectionPool:
                 f"size {s.size}/{s.max_size}, leased {s.leased}. Raise max_waiting or "
                 f"max_size, or shed load")
         job.wait = sync.timeout if timeout is None else timeout
-        job.deadline = _monotonic() + job.wait
+        job.deadline = deadline = _monotonic() + job.wait
         jobs.append(job)
         shared.wake.put(None)
+        if deadline < self._sweep_at:
+            self._schedule_sweep(deadline)
 
-    async def _wait(self, job: _Job, loop: asyncio.AbstractEventLoop) -> Any:
-        timer = loop.call_later(max(0.0, job.deadline - _monotonic()), self._expire, job)
+    async def _wait(self, job: _Job) -> Any:
         try:
             return await job.future
         except BaseException:
             self._withdraw(job)
             raise
-        finally:
-            timer.cancel()
+
+    def _schedule_sweep(self, at: float) -> None:
+        # One timer for every queued job (a timer per job costs every query):
+        # due at the earliest deadline among them.
+        assert self._loop is not None
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = at
+        self._sweep = self._loop.call_later(max(0.0, at - _monotonic()), self._sweep_jobs)
+
+    def _sweep_jobs(self) -> None:
+        # Jobs still queued at their deadline fail with PoolTimeout (a worker
+        # that took one waits for a connector no longer than the same
+        # deadline).  ``copy()`` is atomic; each job is then removed alone.
+        self._sweep = None
+        self._sweep_at = math.inf
+        now = _monotonic()
+        due = math.inf
+        for job in self._shared.jobs.copy():
+            if job.deadline <= now:
+                self._expire(job)
+            else:
+                due = min(due, job.deadline)
+        if due < math.inf and not self._closed:
+            self._schedule_sweep(due)
 
     def _expire(self, job: _Job) -> None:
-        # The deadline of a job no worker has taken (a worker that took it
-        # waits for a connector no longer than the same deadline).
         try:
             self._shared.jobs.remove(job)
-        except ValueError:
+        except ValueError:  # taken by a worker since the copy
             return
         if not job.future.done():
             self._timeouts += 1
