@@ -253,13 +253,14 @@ class _End:
     """The command that ends a lease job; ``done`` (if any) is settled once the
     connector is back in ``sync_pool``."""
 
-    __slots__ = ("error", "discard", "done")
+    __slots__ = ("error", "discard", "done", "returned")
 
     def __init__(self, error: BaseException | None, discard: bool,
-                 done: asyncio.Future[None] | None = None) -> None:
+                 done: asyncio.Future[None] | None = None, *, returned: bool = False) -> None:
         self.error = error
         self.discard = discard
         self.done = done
+        self.returned = returned  # the loop returned the connector itself
 
 
 class _Job:
@@ -306,6 +307,8 @@ class _LeaseJob(_Job):
                     return
                 continue
             if isinstance(cmd, _End):
+                if cmd.returned:
+                    return
                 try:
                     if cmd.discard:
                         lease.discard(cmd.error)
@@ -466,7 +469,10 @@ class AsyncLease:
     ``release()`` or ``discard()`` (plain methods: no await), exactly once.
     """
 
-    __slots__ = ("_pool", "_timeout", "_job", "_state", "_conn", "__weakref__")
+    # _sync: the sync pool's Lease its worker acquired; _queries: queries sent
+    # whose task has not resumed yet (see _end).
+    __slots__ = ("_pool", "_timeout", "_job", "_state", "_conn", "_sync", "_queries",
+                 "__weakref__")
 
     def __init__(self, pool: AsyncConnectionPool, timeout: float | None) -> None:
         self._pool = pool
@@ -474,6 +480,8 @@ class AsyncLease:
         self._job: _LeaseJob | None = None
         self._state = _PENDING
         self._conn: AsyncConnector | None = None
+        self._sync: Lease | None = None
+        self._queries = 0
 
     @property
     def conn(self) -> AsyncConnector | None:
@@ -515,6 +523,7 @@ class AsyncLease:
         pool._submit(job, self._timeout)
         lease = await pool._wait(job)
         assert isinstance(lease, Lease)
+        self._sync = lease
         self._job = job
         self._conn = AsyncConnector(self)
         self._state = _ACTIVE
@@ -528,8 +537,20 @@ class AsyncLease:
         assert job is not None
         self._state = _ENDED
         done: asyncio.Future[None] = loop.create_future()
-        # A query of this lease was cancelled: its connector is owed an
-        # answer or shut down, never reused.
+        sync = self._sync
+        if (error is None and not discard and not job.abort.aborted and not self._queries and
+                not self._pool._closed and sync is not None):
+            # A clean end with no query under way: the worker is done with the
+            # connector (every answer was delivered, so its exchange ended),
+            # and a clean return is bookkeeping only (no socket call: see the
+            # module doc), so it is done here, saving the loop a wake-up.  The
+            # worker is told to stop serving the lease.
+            sync.release()
+            job.inbox.put(_End(None, False, None, returned=True))
+            done.set_result(None)
+            return done
+        # Otherwise the worker ends the lease.  A query of this lease was
+        # cancelled: its connector is owed an answer or shut down, never reused.
         job.inbox.put(_End(error, discard or job.abort.aborted, done))
         return done
 
@@ -547,11 +568,14 @@ class AsyncLease:
         loop = self._pool._check_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         job.inbox.put((q, [] if blobs is None else blobs, fut))
+        self._queries += 1
         try:
             return await fut
         except asyncio.CancelledError:
             self._pool._abort(job.abort)
             raise
+        finally:
+            self._queries -= 1
 
     def __del__(self) -> None:
         # Dropped while active (an acquire() never released): the worker
