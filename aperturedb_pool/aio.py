@@ -21,18 +21,26 @@ checks, keepalive, retirement, the retry policy.  On top of it:
   worker runs one task's request at a time, a *job*: a lease job acquires a
   connector from ``sync_pool`` (``acquire()``, on the worker), hands the task
   an ``AsyncConnector`` and then runs that task's queries on that connector, in
-  order, until the task ends the lease, which the worker then releases or
-  discards itself; a query job runs ``sync_pool``'s retry policy (each attempt
-  leases a connector, exactly as ``ConnectionPool.query``), with the exchange
-  itself done by this module's code (below).  One thread acquires, uses and
-  returns each connector, so the sync pool's per-thread rules hold unchanged
-  (``check_ownership``, the loop-thread fairness heuristics).  Plus one
-  *aborter* thread per pool (cancellation, below).  ``open()``, ``wait_ready()``
-  and ``close()`` run on ``asyncio.to_thread`` (they start and join threads).
+  order, until the task ends the lease; a query job runs ``sync_pool``'s retry
+  policy (each attempt leases a connector, exactly as ``ConnectionPool.query``),
+  with the exchange itself done by this module's code (below).  One thread
+  acquires and uses each connector, so the sync pool's per-thread rules hold
+  unchanged (``check_ownership``).  Plus one *aborter* thread per pool
+  (cancellation, below).  ``open()``, ``wait_ready()`` and ``close()`` run on
+  ``asyncio.to_thread`` (they start and join threads).
+* **Ending a lease.** An error, a discard, a cancelled query or a closed pool:
+  the worker ends the lease (a release with an error probes the socket).  A
+  clean end with no query under way is done on the loop's thread itself:
+  ``Lease.release()`` with no error is bookkeeping (no socket call: the
+  connector goes idle or to a waiting worker), and every answer of the lease
+  was delivered, so its worker is done with the connector; the worker is then
+  only told to go back to the queue.  This saves a round trip per lease.
 * **The event loop's thread** only does bookkeeping: it creates futures,
-  appends jobs, puts commands on queues and sets futures' results.  No socket
-  call, no sleep, no wait on a lock another thread may hold (it takes none).
-  Workers report back only through ``loop.call_soon_threadsafe``, so every
+  appends jobs, puts commands on queues, sets futures' results, and (clean
+  lease ends, ``stats()``) takes ``sync_pool``'s lock, which is only ever held
+  for short bookkeeping, never across a network call or a wait.  No socket
+  call, no sleep.  Workers report back through ``loop.call_soon_threadsafe``,
+  one wake-up of the loop per batch of results (``_Shared.drain``), so every
   future is touched only on its loop's thread.
 * **Waiting in order.** Jobs wait in one FIFO deque (``_Shared.jobs``); each
   appended job comes with one token on ``_Shared.wake`` (a ``SimpleQueue``,
@@ -42,17 +50,20 @@ checks, keepalive, retirement, the retry policy.  On top of it:
   whoever removes a job from the deque owns it, exactly one of the worker that
   will run it and the task that withdraws it.  A withdrawn job leaves a spare
   token: some worker wakes, finds no job (or the next one) and goes on.
-  ``timeout`` is one deadline from the request: a loop timer fails a job still
-  in the deque with ``PoolTimeout`` at the deadline, and a worker that took it
-  passes the time left to ``sync_pool.acquire``.  ``max_waiting`` counts the
+  ``timeout`` is one deadline from the request: a loop timer (one for all
+  queued jobs, due at the earliest deadline) fails a job still in the deque
+  with ``PoolTimeout`` at its deadline, and a worker that took it passes the
+  time left to ``sync_pool.acquire``.  ``max_waiting`` counts the
   tasks that wait for a worker (jobs in the deque beyond the idle workers):
   more get ``TooManyWaiters`` at once; workers waiting for a connector count
   against it in ``sync_pool`` as threads would.
 
 Locks: the pool's own state (``_loop``, ``_opened``, ``_closed``, the
-counters) is touched only on the loop's thread, and needs none.  The deques
-``jobs`` and ``idle`` are shared, used only through atomic single operations
-(``append``, ``popleft``, ``remove``, ``len``).  Each request's ``_Abort`` has a
+counters, the sweep timer) and each ``AsyncLease``'s are touched only on the
+loop's thread, and need none.  The deques ``jobs``, ``idle`` and ``results``
+are shared, used only through atomic single operations (``append``,
+``popleft``, ``remove``, ``copy``, ``len``); ``_Shared.posted`` is a hint
+whose races cost one extra wake-up, never a lost result (see ``_post``).  Each request's ``_Abort`` has a
 ``threading.Lock`` that guards its ``conn`` and ``shot`` fields; it is taken
 only by the worker running the request and by the aborter thread, never by
 the loop's thread, and held for a few attribute stores (and, by the aborter,
