@@ -302,6 +302,23 @@ def test_timeout_and_max_waiting_raise_the_sync_pools_errors(adb_server: Any,
     run(main)
 
 
+def test_each_queued_task_keeps_its_own_deadline(adb_server: Any, run: Any) -> None:
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1) as pool:
+            holder = await pool.acquire()
+            long = asyncio.ensure_future(pool.acquire(timeout=5))
+            await asyncio.sleep(0.01)
+            started = time.monotonic()
+            with pytest.raises(PoolTimeout, match="within 0.1 s"):  # behind a longer one
+                await pool.acquire(0.1)
+            assert time.monotonic() - started < 2.0 and not long.done()
+            await holder.release()
+            await (await long).release()  # the first in line got it
+            assert pool.stats().timeouts == 1
+
+    run(main)
+
+
 def test_one_pool_per_loop_and_a_clear_error_from_another(adb_server: Any) -> None:
     load_tags(adb_server, 4)
     pools: dict[int, AsyncConnectionPool] = {}
