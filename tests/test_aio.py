@@ -452,3 +452,21 @@ def test_no_query_runs_on_the_event_loop_thread(adb_server: Any, run: Any) -> No
     loop_thread = run(main)
     assert threads and loop_thread not in threads
     assert adb_server.counters()["requests_by_command"]["GetStatus"] >= 40
+
+
+def test_a_dropped_acquired_lease_is_discarded_with_a_warning(adb_server: Any, run: Any) -> None:
+    import gc
+
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1) as pool:
+            lease = await pool.acquire()
+            await lease.conn.query([{"GetStatus": {}}])  # type: ignore[union-attr]
+            with pytest.warns(ResourceWarning, match="dropped without release"):
+                del lease
+                gc.collect()
+            # Its worker discarded the connector; the pool opens another.
+            async with pool.lease(timeout=JOIN) as conn:
+                await conn.query([{"GetStatus": {}}])
+            assert sum(pool.stats().discarded.values()) == 1
+
+    run(main)
