@@ -45,6 +45,7 @@ MARKERS = {
     "batch": "run_batches(pool, load, people",
     "helpers": "db = pool.connector()",
     "metrics": "registry.register(PrometheusCollector(pool))",
+    "fastapi": "async with AsyncConnectionPool(template, min_size=2, max_size=8) as pool:",
 }
 
 
@@ -274,3 +275,78 @@ def test_metrics_example_and_its_scrape(adb_server: Any) -> None:
         ns["server"].shutdown()
         ns["server"].server_close()
         ns["pool"].close()
+
+
+# --- FastAPI + AsyncConnectionPool, served by real uvicorn --------------------
+
+def test_fastapi_served_by_uvicorn_200_concurrent_requests_some_abandoned(
+        adb_server: Any) -> None:
+    """The README's app on a real uvicorn (its own thread and event loop: uvloop
+    when installed), driven over loopback by httpx: 200 concurrent requests,
+    one in five abandoned by the client after a few milliseconds.  Every
+    answered request gets its own person; nothing else fails."""
+    import asyncio
+    import random
+    import threading
+
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    import _support
+
+    adb_server.connector().query([{"AddEntity": {"class": "Person", "properties": {
+        "name": f"p{i}"}}} for i in range(40)])
+    app = _run(_for_server(_block(MARKERS["fastapi"]), adb_server.port))["app"]
+    adb_server.set_latency((0.001, 0.005))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on",
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        _support.wait_until(lambda: server.started, "uvicorn started", timeout=20)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        rng = random.Random(17)
+        wrong: list[Any] = []
+        errors: list[BaseException] = []
+        abandoned = answered = 0
+
+        async def drive() -> None:
+            nonlocal abandoned, answered
+            limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20,
+                                         limits=limits) as client:
+                async def one(i: int) -> None:
+                    nonlocal abandoned, answered
+                    name = f"p{i % 40}"
+                    try:
+                        if i % 5 == 0:  # the client gives up after a few milliseconds
+                            async with asyncio.timeout(rng.uniform(0.001, 0.008)):
+                                r = await client.get(f"/people/{name}")
+                        else:
+                            r = await client.get(f"/people/{name}")
+                    except TimeoutError:
+                        abandoned += 1
+                        return
+                    except Exception as e:
+                        errors.append(e)
+                        return
+                    answered += 1
+                    got = r.json() if r.status_code == 200 else r.text
+                    if r.status_code != 200 or [e["name"] for e in got["entities"]] != [name]:
+                        wrong.append((name, r.status_code, got))
+
+                await asyncio.gather(*[one(i) for i in range(200)])
+
+        asyncio.run(drive())
+        assert wrong == [] and errors == []
+        assert answered + abandoned == 200 and answered >= 160 and abandoned > 0
+        pool = app.state.pool
+        s = _support.wait_until(lambda: (lambda s: s if s.leased == 0 else None)(pool.stats()),
+                                "every lease back", timeout=20)
+        assert s.waiting == 0 and s.leases_granted >= answered
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert not thread.is_alive()
+    assert pool.closed  # the lifespan closed it
+    assert adb_server.counters()["sharing_violations"] == 0

@@ -1,0 +1,262 @@
+"""asyncio benchmark: ``AsyncConnectionPool`` against dedicated clones, and the event loop's lag.
+
+    python stress/bench_aio.py [--duration 1.5] [--rounds 8] [--quick] [--loop asyncio|uvloop]
+                               [--only CONFIGS] [--no-pin] [--json]
+
+``GetStatus`` queries, end to end (the real SDK ``Connector``, the embedded
+server in its own process), for a fixed duration, in these configurations:
+
+==============  ===================================================================
+dedicated       (a) 8 threads, each with its own ``template.clone()`` (the baseline)
+aio-query-64    (b) 64 tasks on one event loop, each ``await pool.query(q)`` in a
+                loop, through an ``AsyncConnectionPool`` of 8
+aio-lease-64    (c) 64 tasks, ``async with pool.lease() as conn: await conn.query(q)``
+blocking-64     (info) 64 tasks calling the sync ``ConnectionPool.query`` on the loop
+                itself: what the loop's lag is without this module
+sync-query-8    (info) 8 threads calling the sync ``ConnectionPool.query`` (pool of 8):
+                what the retry-policy path costs without asyncio, the reference
+                for (b), which runs that path on 8 worker threads
+==============  ===================================================================
+
+During every task configuration a ticker task on the same loop sleeps 1 ms
+at a time and records how late it wakes: the loop's *lag*.  The report gives
+its worst (max) and 99th percentile per measurement.  Targets (issue 17):
+lag max < 5 ms for (b) and (c); throughput of (b) >= 0.9 of (a).
+
+Pairing and pinning as in ``bench_e2e.py``: each measurement of a
+configuration is paired with one of ``dedicated`` right before or after it
+(alternating by round), the ratio is taken within the pair, and the report
+gives the medians over the rounds with every ratio; the server process runs
+on CPU 1 and this process (the loop, the pool's workers, the dedicated
+threads) on CPU 0.  ``--loop uvloop`` runs the tasks on uvloop.
+
+This is a benchmark, not a test: the exit status does not depend on targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("ADB_LOG_FILE", "")
+
+from _benchkit import machine_facts, percentile  # noqa: E402
+from bench_e2e import _pin, _sdk_version, measure  # noqa: E402
+
+Q = [{"GetStatus": {}}]
+CONFIGS = ("dedicated", "aio-query-64", "aio-lease-64", "blocking-64", "sync-query-8")
+TARGETS = {"aio-query-64": 0.9}
+LAG_TARGET_MS = 5.0
+TICK = 0.001
+
+
+async def measure_tasks(tasks: int, body: Callable[[], Any], duration: float) -> dict[str, Any]:
+    """``tasks`` tasks running ``await body()`` in a loop for ``duration`` s, with a ticker."""
+    loop = asyncio.get_running_loop()
+    stop = False
+    counts = [0] * tasks
+    errors: list[str] = []
+    lags: list[float] = []
+
+    async def run(i: int) -> None:
+        n = 0
+        try:
+            while not stop:
+                await body()
+                n += 1
+        except Exception as e:  # reported; a benchmark with errors is not a figure
+            errors.append(f"{type(e).__name__}: {e}")
+        counts[i] = n
+
+    async def ticker() -> None:
+        while not stop:
+            t = loop.time()
+            await asyncio.sleep(TICK)
+            lags.append(max(0.0, loop.time() - t - TICK))
+
+    ts = [asyncio.ensure_future(run(i)) for i in range(tasks)]
+    tick = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    await asyncio.sleep(duration)
+    stop = True
+    t1 = time.perf_counter()
+    c1 = time.process_time()
+    await asyncio.gather(*ts, tick)
+    total = sum(counts)
+    lags.sort()
+    return {"qps": total / (t1 - t0), "queries": total, "threads": tasks,
+            "cpu_us": (c1 - c0) / total * 1e6 if total else float("nan"),
+            "lag_max_ms": lags[-1] * 1e3 if lags else float("nan"),
+            "lag_p99_ms": percentile(lags, 99) * 1e3, "ticks": len(lags),
+            "errors": errors[:3]}
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="stress/bench_aio.py", description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds per measurement (1.5; quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (8; quick 3)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    p.add_argument("--only", default=None, help="comma-separated configurations "
+                                                "(dedicated is always run)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the server to CPU 1 and the client to CPU 0")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    duration = a.duration or (1.0 if a.quick else 1.5)
+    rounds = a.rounds or (3 if a.quick else 8)
+    configs = list(CONFIGS)
+    if a.only:
+        configs = ["dedicated"] + [c for c in a.only.split(",") if c != "dedicated"]
+        bad = [c for c in configs if c not in CONFIGS]
+        if bad:
+            p.error(f"unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}")
+
+    from aperturedb_pool import ConnectionPool
+    from aperturedb_pool.aio import AsyncConnectionPool
+    from aperturedb_pool.testing import ServerProcess
+
+    facts = machine_facts()  # before pinning narrows this process to one CPU
+    loop = _new_loop(a.loop)
+    with ServerProcess("127.0.0.1", 0) as srv:
+        pinned = not a.no_pin and _pin(srv)
+        template = srv.connector()
+        dedicated = [template.clone() for _ in range(8)]
+        for c in dedicated:
+            c.query(Q)
+        apool = AsyncConnectionPool(template, min_size=8, max_size=8, name="aio")
+        loop.run_until_complete(apool.open(wait=True, timeout=30))
+        blocking = ConnectionPool(template, min_size=8, max_size=8, name="blocking")
+        blocking.wait_ready(30)
+
+        async def aio_query() -> Any:
+            return await apool.query(Q)
+
+        async def aio_lease() -> Any:
+            async with apool.lease() as conn:
+                return await conn.query(Q)
+
+        async def blocking_query() -> Any:
+            r = blocking.query(Q)  # on the loop's thread: what not to do
+            await asyncio.sleep(0)  # (a handler awaits something else too)
+            return r
+
+        def dedicated_body(i: int) -> Callable[[], Any]:
+            conn = dedicated[i]
+            return lambda: conn.query(Q)
+
+        def run_config(name: str, d: float) -> dict[str, Any]:
+            if name == "dedicated":
+                return measure(8, dedicated_body, d)
+            if name == "sync-query-8":
+                return measure(8, lambda i: lambda: blocking.query(Q), d)
+            body = {"aio-query-64": aio_query, "aio-lease-64": aio_lease,
+                    "blocking-64": blocking_query}[name]
+            return loop.run_until_complete(measure_tasks(64, body, d))
+
+        for name in configs:  # warm-up, not recorded
+            run_config(name, 0.5)
+        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+        others = [c for c in configs if c != "dedicated"]
+        for r in range(rounds):
+            order = others[r % len(others):] + others[:r % len(others)]
+            for name in order:
+                pair = ["dedicated", name] if r % 2 == 0 else [name, "dedicated"]
+                got = {n: run_config(n, duration) for n in pair}
+                res = got[name]
+                res["paired_ratio"] = (res["qps"] / got["dedicated"]["qps"]
+                                       if got["dedicated"]["qps"] else float("nan"))
+                runs[name].append(res)
+                runs["dedicated"].append(got["dedicated"])
+            print(f"round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {runs[n][-1]['paired_ratio']:.3f}" + (
+                    f" (lag max {runs[n][-1]['lag_max_ms']:.1f} ms)"
+                    if "lag_max_ms" in runs[n][-1] else "") for n in others),
+                file=sys.stderr, flush=True)
+        counters = srv.counters()
+        stats = apool.stats()
+        loop.run_until_complete(apool.close())
+        blocking.close()
+        loop.close()
+        for c in dedicated:
+            c.close()
+
+    report: dict[str, Any] = {"machine": facts, "duration_s": duration, "pinned": pinned,
+                              "loop": a.loop, "rounds": rounds, "configs": {},
+                              "sharing_violations": counters["sharing_violations"],
+                              "aio_pool_discarded": dict(stats.discarded),
+                              "lag_target_ms": LAG_TARGET_MS}
+    for name in configs:
+        rs = runs[name]
+        c: dict[str, Any] = {
+            "threads": rs[0]["threads"],
+            "qps_median": statistics.median(x["qps"] for x in rs),
+            "qps_runs": [round(x["qps"]) for x in rs],
+            "cpu_us_median": statistics.median(x["cpu_us"] for x in rs),
+            "errors": [e for x in rs for e in x["errors"]][:3],
+        }
+        if name != "dedicated":
+            ratios = [x["paired_ratio"] for x in rs]
+            c["ratio_vs_dedicated_median"] = statistics.median(ratios)
+            c["ratio_runs"] = [round(x, 3) for x in ratios]
+            if "lag_max_ms" in rs[0]:
+                c["lag_max_ms"] = max(x["lag_max_ms"] for x in rs)
+                c["lag_max_ms_runs"] = [round(x["lag_max_ms"], 2) for x in rs]
+                c["lag_p99_ms_median"] = statistics.median(x["lag_p99_ms"] for x in rs)
+        report["configs"][name] = c
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    m = report["machine"]
+    print(f"asyncio ({a.loop}), GetStatus, real aperturedb.Connector {_sdk_version()} -> "
+          f"embedded server (separate process); {rounds} rounds, each configuration paired "
+          f"with dedicated, {duration:g} s per measurement; "
+          + ("server pinned to CPU 1, client to CPU 0" if pinned else "not pinned"))
+    print(f"machine: {m['nproc']} cores, {m['cpu']}, Python {m['python']}, "
+          f"load {m['loadavg_1m']}, {m['date']}, git {m['git']}")
+    print(f"{'config':<13} {'tasks':>5} {'q/s (median)':>12} {'vs (a)':>7} {'cpu_us':>6} "
+          f"{'lag max':>8} {'lag p99':>8}  {'targets':<28} paired ratios by round")
+    for name, c in report["configs"].items():
+        if name == "dedicated":
+            print(f"{name:<13} {c['threads']:>5} {c['qps_median']:>12.0f} {1.0:>7.3f} "
+                  f"{c['cpu_us_median']:>6.1f}")
+            continue
+        ratio = c["ratio_vs_dedicated_median"]
+        verdict = []
+        if name in TARGETS:
+            verdict.append(f">= {TARGETS[name]}: " + ("met" if ratio >= TARGETS[name]
+                                                      else "MISSED"))
+        if name.startswith("aio"):
+            verdict.append(f"lag < {LAG_TARGET_MS:g} ms: " +
+                           ("met" if c["lag_max_ms"] < LAG_TARGET_MS else "MISSED"))
+        lag = (f"{c['lag_max_ms']:>6.2f}ms {c['lag_p99_ms_median']:>6.2f}ms" if "lag_max_ms" in c
+               else f"{'-':>8} {'-':>8}")
+        print(f"{name:<13} {c['threads']:>5} {c['qps_median']:>12.0f} {ratio:>7.3f} "
+              f"{c['cpu_us_median']:>6.1f} {lag}"
+              f"  {'; '.join(verdict):<28} {' '.join(f'{x:.2f}' for x in c['ratio_runs'])}")
+        if c["errors"]:
+            print(f"  errors: {c['errors']}")
+    print(f"sharing violations: {report['sharing_violations']}; aio pool discarded: "
+          f"{report['aio_pool_discarded'] or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
