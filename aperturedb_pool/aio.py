@@ -138,7 +138,7 @@ from aperturedb_pool.errors import (
     TooManyWaiters,
 )
 from aperturedb_pool.health import socket_of
-from aperturedb_pool.pool import ConnectionPool, Lease, _describe_query
+from aperturedb_pool.pool import ConnectionPool, Lease
 from aperturedb_pool.retry import RetryPolicy, is_read_only
 from aperturedb_pool.stats import PoolStats
 
@@ -364,9 +364,9 @@ class _QueryJob(_Job):
         try:
             # ConnectionPool.query's own path (attempt leases, deadlines,
             # error classification), with this module's exchange as the body.
-            result = shared.pool._run_policy(
-                body, idempotent=self.idempotent, retry=self.retry,
-                describe=lambda: _describe_query(q), attempt_timeout=self.timeout)
+            pool = shared.pool
+            result = pool._run_policy(pool.retry if self.retry is None else self.retry,
+                                      body, q, blobs, self.timeout, self.idempotent, None)
         except BaseException as e:
             _post(shared, _settle, self.future, None, e)
         else:

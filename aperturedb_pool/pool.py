@@ -564,15 +564,8 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         if blobs is None:
             blobs = []
         qt = None if timeout is None else _check_duration("timeout", timeout, allow_zero=False)
-        policy = self.retry if retry is None else _check_policy(retry)
-        # The first attempt inline (see _retry_after); the query's idempotency
-        # is judged only if an attempt fails.
-        started = _monotonic()
-        try:
-            return self._attempt(started, policy.deadline, None, q, blobs, qt, idempotent, None)
-        except ConnectorError as e:
-            first = e
-        return self._retry_after(first, started, policy, None, idempotent, None, q, blobs, qt)
+        return self._run_policy(self.retry if retry is None else _check_policy(retry),
+                                None, q, blobs, qt, idempotent, None)
 
     def run(self, fn: Callable[..., T], *args: Any, retry: RetryPolicy | None = None,
             **kwargs: Any) -> T:
@@ -583,33 +576,42 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         ``retry.idempotent`` decorator); a connect failure (nothing sent) is
         always retried.
         """
-        policy = self.retry if retry is None else _check_policy(retry)
-        idem = bool(getattr(fn, "idempotent", False))
-        label = getattr(fn, "__name__", "callable")
-
         def body(conn: Any) -> T:
             return fn(conn, *args, **kwargs)
 
+        return self._run_policy(self.retry if retry is None else _check_policy(retry),
+                                body, None, None, None, bool(getattr(fn, "idempotent", False)),
+                                getattr(fn, "__name__", "callable"))
+
+    def _run_policy(self, policy: RetryPolicy, body: Callable[[Any], T] | None, q: Any,
+                    blobs: Any, attempt_timeout: float | None, idempotent: bool | None,
+                    label: str | None) -> T:
+        """``query()`` and ``run()`` (and ``aperturedb_pool.aio``) under ``policy``.
+
+        ``body`` None: each attempt is ``conn.query(q, blobs)``; otherwise
+        ``body(conn)``.  ``idempotent`` None: judged from ``q`` (only if an
+        attempt fails).  ``label`` None: the query, described from ``q``.
+        ``attempt_timeout`` bounds each attempt's exchange (see ``query``).
+        The first attempt is made here, inline; the policy (tenacity's loop,
+        ``_retry_after``) is reached only after it failed.
+        """
         started = _monotonic()
         try:
-            return self._attempt(started, policy.deadline, body, None, None, None, idem, label)
+            return self._attempt(started, policy.deadline, body, q, blobs, attempt_timeout,
+                                 idempotent, label)
         except ConnectorError as e:
             first = e
-        return self._retry_after(first, started, policy, body, idem, label, None, None, None)
+        return self._retry_after(first, started, policy, body, idempotent, label, q, blobs,
+                                 attempt_timeout)
 
     def _retry_after(self, first: ConnectorError, started: float, policy: RetryPolicy,
                      body: Callable[[Any], T] | None, idempotent: bool | None,
                      label: str | None, q: Any, blobs: Any,
                      attempt_timeout: float | None) -> T:
-        """After ``query()`` or ``run()`` made its first attempt (started at
-        ``started``) and it failed with ``first``: the rest under ``policy``, in
-        ``RetryPolicy.resume`` (tenacity's loop).
-
-        The first attempt is made inline by the callers: nothing is built for
-        a call that succeeds at once (no closure, no label, no idempotency
-        check), which is nearly every call.  ``body`` None: each attempt is
-        ``conn.query(q, blobs)``, ``idempotent`` None means "judge ``q``" and
-        the label is made from ``q``.
+        """After ``_run_policy``'s first attempt (started at ``started``) failed
+        with ``first``: the rest under ``policy``, in ``RetryPolicy.resume``
+        (tenacity's loop).  Nothing is built before a failure (no closure, no
+        label, no idempotency check): nearly every call succeeds at once.
         """
         if idempotent is None:
             idempotent = self._is_read_only(q)

@@ -118,7 +118,7 @@ def test_lease_query_stats_close(adb_server: Any, run: Any) -> None:
 def test_not_open_and_bad_arguments(adb_server: Any, run: Any) -> None:
     with pytest.raises(TypeError, match="no open= option"):
         AsyncConnectionPool(adb_server.connector(), open=True)
-    with pytest.raises(ValueError, match="max_size must be at least 1"):
+    with pytest.raises(ValueError, match="max_size must be an int >= 1"):
         AsyncConnectionPool(adb_server.connector(), max_size=0)
 
     async def main() -> None:
