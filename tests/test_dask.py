@@ -420,6 +420,29 @@ def test_the_plugin_pickles_to_configuration_only(client: Client,
     assert copy._revealed() == plugin._revealed() and copy._revealed()["PASSWORD"] == SECRET
 
 
+def test_a_joining_worker_takes_its_share_and_registering_again_rebalances(
+        client: Client, server: EmbeddedServer) -> None:
+    """As documented: the newcomer's share comes from the workers known at its setup,
+    the running workers keep theirs until the plugin is registered again.  (Last test
+    of the module: it leaves the cluster with 3 workers.)"""
+    def sizes() -> dict[str, int]:
+        return client.run(lambda dask_worker: dask_worker.plugins["join"].pool.max_size)
+
+    plugin = _plugin(server, plugin_name="join")
+    with _registered(client, server, plugin, fresh=False):
+        before = sizes()
+        assert sorted(before.values()) == [3, 3]
+        client.cluster.scale(3)
+        client.wait_for_workers(3, timeout=60)
+        joined = sizes()
+        (newcomer,) = set(joined) - set(before)
+        expected = _split_budget(BUDGET, dict.fromkeys(joined, 4))
+        assert joined[newcomer] == expected[newcomer] == 2
+        assert {w: joined[w] for w in before} == before  # not shrunk under their tasks
+        client.register_plugin(plugin)
+        assert sizes() == expected and sum(expected.values()) == BUDGET
+
+
 # -- pure logic and arguments ---------------------------------------------------
 
 def test_split_budget() -> None:
