@@ -122,7 +122,7 @@ def _writer(cls: str) -> Any:
 
 
 @idempotent
-def read_seeds(conn: Any, keys: list[int]) -> tuple[str, list[tuple[int, Any]]]:
+def read_seeds(conn: Any, keys: list[int]) -> tuple[str, list[int], list[tuple[int, Any]]]:
     response, _ = conn.query([{"FindEntity": {"with_class": "Seed",
                                               "constraints": {"k": ["==", k]},
                                               "results": {"list": ["k", "v"]}}}
@@ -130,7 +130,7 @@ def read_seeds(conn: Any, keys: list[int]) -> tuple[str, list[tuple[int, Any]]]:
     if not isinstance(response, list):
         raise RuntimeError(f"failed transaction: {response}")
     found = [(e["k"], e["v"]) for r in response for e in r["FindEntity"]["entities"]]
-    return str(get_worker().address), found
+    return str(get_worker().address), keys, found
 
 
 def _stored(server: EmbeddedServer, cls: str) -> Counter[str]:
@@ -185,9 +185,10 @@ def _check_reads(reads: BatchResult) -> set[str]:
     """Every read answered and every answer right; the workers that answered."""
     assert not reads.failed and not reads.skipped, reads.failed[:3]
     workers = set()
-    for index, (worker, found) in reads.results.items():
+    assert sorted(reads.results) == reads.acknowledged
+    for index, (worker, keys, found) in reads.results.items():
         workers.add(worker)
-        assert found, index
+        assert [k for k, _ in found] == keys, index  # one answer per key, in order
         assert all(v == k * 7 + 1 for k, v in found), found
     return workers
 
