@@ -31,6 +31,7 @@ from distributed import Client, LocalCluster, get_worker
 from aperturedb_pool import OutcomeUnknown, RetryPolicy
 from aperturedb_pool.batch import BatchProgress, BatchResult
 from aperturedb_pool.dask import (
+    BatchTaskLost,
     NoConnectionShare,
     PoolPlugin,
     _split_budget,
@@ -67,9 +68,12 @@ def server() -> Iterator[EmbeddedServer]:
 def client() -> Iterator[Client]:
     # SESSION_EXPIRY_OFFSET_SEC=0: the SDK renews a session when it expires, not 10 s
     # before (the token-expiry test uses sub-second TTLs).
+    # allowed_failures=0: a task whose worker died is not run again elsewhere (the
+    # setting the README advises for non-idempotent writes on workers that can die).
     cluster = LocalCluster(n_workers=2, threads_per_worker=4, processes=True,
                            host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                           env={"SESSION_EXPIRY_OFFSET_SEC": "0", "ADB_LOG_FILE": ""})
+                           env={"SESSION_EXPIRY_OFFSET_SEC": "0", "ADB_LOG_FILE": ""},
+                           scheduler_kwargs={"allowed_failures": 0})
     c = Client(cluster)
     try:
         yield c
@@ -419,6 +423,27 @@ def test_the_plugin_pickles_to_configuration_only(client: Client,
     assert all(v == (True, None) for v in state.values()), state
     copy = pickle.loads(pickle.dumps(plugin))
     assert copy._revealed() == plugin._revealed() and copy._revealed()["PASSWORD"] == SECRET
+
+
+def test_a_batch_whose_worker_dies_fails_as_an_unknown_outcome(
+        client: Client, server: EmbeddedServer) -> None:
+    cls = "Dies" + uuid.uuid4().hex[:8]
+
+    def write_or_die(conn: Any, keys: list[str]) -> None:
+        conn.query([{"AddEntity": {"class": cls, "properties": {"k": k}}} for k in keys])
+        if keys == ["die"]:
+            os._exit(3)  # the worker process dies after the write reached the server
+
+    plugin = _plugin(server, plugin_name="dies")
+    with _registered(client, server, plugin, fresh=False):
+        result = run_batches_on_dask(client, write_or_die, [["a"], ["die"], ["b"]],
+                                     in_flight=1, plugin_name="dies")
+        client.wait_for_workers(2, timeout=60)  # the nanny started a new worker
+    assert result.acknowledged == [0, 2]
+    [lost] = result.failed
+    assert isinstance(lost.error, BatchTaskLost) and isinstance(lost.error, OutcomeUnknown)
+    assert lost.maybe_executed and "KilledWorker" in str(lost.error)
+    assert _stored(server, cls) == Counter({"a": 1, "die": 1, "b": 1})  # never run twice
 
 
 def test_a_joining_worker_takes_its_share_and_registering_again_rebalances(
