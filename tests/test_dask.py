@@ -310,6 +310,28 @@ def test_unknown_outcome_writes_are_not_resent_unless_idempotent(
     assert stored[f"{cls}-a"] == 1 and stored[f"{cls}-b"] == 2
 
 
+class HoldsALock(Exception):
+    """An error that cannot be pickled back to the client."""
+
+    def __init__(self) -> None:
+        super().__init__("cannot travel")
+        self.lock = threading.Lock()
+
+
+def test_an_error_that_cannot_be_pickled_arrives_by_name(client: Client,
+                                                         server: EmbeddedServer) -> None:
+    def fails(conn: Any, batch: Any) -> None:
+        raise HoldsALock()
+
+    plugin = _plugin(server, plugin_name="unpicklable", max_connections=2)
+    with _registered(client, server, plugin, fresh=False):
+        result = run_batches_on_dask(client, fails, [[1]], plugin_name="unpicklable")
+    [failure] = result.failed
+    # Reported as what it was (not as a lost task, which would claim it may have run).
+    assert type(failure.error) is RuntimeError and not failure.maybe_executed
+    assert str(failure.error).endswith("HoldsALock: cannot travel")
+
+
 def test_a_stopped_run_finishes_what_it_submitted_and_skips_the_rest(
         client: Client, server: EmbeddedServer) -> None:
     """Dask can cancel a task a worker already runs: on max_failures the submitted
