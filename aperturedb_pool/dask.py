@@ -74,6 +74,7 @@ import pickle
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
+import cloudpickle
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -348,16 +349,38 @@ class _BatchTask:
         except Exception as e:  # nothing was sent: a failed batch
             return _Failed(e)
         out = _run_one_batch(pool, self.call, batch, self.retry)
+        # What a task returns must be pickled back to the client, and a value that
+        # cannot be leaves the client waiting for ever (Dask does not fail the
+        # task): check here, where the batch's outcome is still known.
         if isinstance(out, _Failed):
-            try:
-                pickle.dumps(out.error)
-            except Exception:  # it must reach the client: keep its class name and text
+            if _cannot_travel(out.error) is not None:  # keep its class name and text
                 err = out.error
                 portable = (BatchTaskLost if getattr(err, "maybe_executed", False)
                             else RuntimeError)(f"{type(err).__module__}.{type(err).__name__}: "
                                                f"{err}")
                 out = _Failed(portable)
+        elif out is not None:
+            why = _cannot_travel(out)
+            if why is not None:
+                out = _Failed(BatchTaskLost(
+                    f"the batch ran, but what {self.call.__name__} returned cannot be pickled "
+                    f"back to the client ({type(why).__name__}: {why}); return a picklable "
+                    f"value (or None)"))
         return out
+
+
+def _cannot_travel(value: Any) -> BaseException | None:
+    """Why ``value`` cannot be sent back to the client (None: it can)."""
+    try:
+        pickle.dumps(value)
+        return None
+    except Exception:
+        pass
+    try:  # what Dask falls back to
+        cloudpickle.dumps(value)
+        return None
+    except Exception as e:
+        return e
 
 
 def _lost(exc: BaseException) -> BaseException:

@@ -323,13 +323,22 @@ def test_an_error_that_cannot_be_pickled_arrives_by_name(client: Client,
     def fails(conn: Any, batch: Any) -> None:
         raise HoldsALock()
 
+    def returns_a_lock(conn: Any, batch: Any) -> Any:
+        return threading.Lock()
+
     plugin = _plugin(server, plugin_name="unpicklable", max_connections=2)
     with _registered(client, server, plugin, fresh=False):
+        # Without the check in the worker, both runs would wait for ever.
         result = run_batches_on_dask(client, fails, [[1]], plugin_name="unpicklable")
+        returned = run_batches_on_dask(client, returns_a_lock, [[1]],
+                                       plugin_name="unpicklable")
     [failure] = result.failed
     # Reported as what it was (not as a lost task, which would claim it may have run).
     assert type(failure.error) is RuntimeError and not failure.maybe_executed
     assert str(failure.error).endswith("HoldsALock: cannot travel")
+    [failure] = returned.failed
+    assert isinstance(failure.error, BatchTaskLost) and failure.maybe_executed
+    assert "returns_a_lock returned cannot be pickled" in str(failure.error)
 
 
 def test_a_stopped_run_finishes_what_it_submitted_and_skips_the_rest(
