@@ -310,6 +310,16 @@ def test_unknown_outcome_writes_are_not_resent_unless_idempotent(
     assert stored[f"{cls}-a"] == 1 and stored[f"{cls}-b"] == 2
 
 
+def _bounded(run: Any, timeout: float = 60.0) -> Any:
+    """``run()`` in a thread of its own: a run that hangs fails the test instead."""
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(run()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert box, f"the run did not finish in {timeout} s"
+    return box[0]
+
+
 class HoldsALock(Exception):
     """An error that cannot be pickled back to the client."""
 
@@ -329,9 +339,10 @@ def test_an_error_that_cannot_be_pickled_arrives_by_name(client: Client,
     plugin = _plugin(server, plugin_name="unpicklable", max_connections=2)
     with _registered(client, server, plugin, fresh=False):
         # Without the check in the worker, both runs would wait for ever.
-        result = run_batches_on_dask(client, fails, [[1]], plugin_name="unpicklable")
-        returned = run_batches_on_dask(client, returns_a_lock, [[1]],
-                                       plugin_name="unpicklable")
+        result = _bounded(lambda: run_batches_on_dask(client, fails, [[1]],
+                                                      plugin_name="unpicklable"))
+        returned = _bounded(lambda: run_batches_on_dask(client, returns_a_lock, [[1]],
+                                                        plugin_name="unpicklable"))
     [failure] = result.failed
     # Reported as what it was (not as a lost task, which would claim it may have run).
     assert type(failure.error) is RuntimeError and not failure.maybe_executed
