@@ -409,7 +409,9 @@ def run_batches_on_dask(client: Client, fn: Callable[[Any, Any], Any],
     :class:`~aperturedb_pool.batch.BatchResult`; ``unfinished_batches()``
     lists what to retry.  ``fn`` and the batches are pickled to the workers,
     and ``fn``'s return values (kept in ``result.results`` when not None)
-    back.
+    back: a value that cannot be pickled fails its batch with
+    :class:`BatchTaskLost` (the batch ran), an exception that cannot be
+    pickled arrives as a ``RuntimeError`` naming its class.
 
     ``in_flight``: batches submitted at once (default: twice the cluster's
     threads, so no worker waits for the scheduler); the input is read
