@@ -44,7 +44,7 @@ connection, so more would never be used); what a worker cannot use goes to the
 others.  Every worker computes the same split from the same list, so the
 shares add up to at most the budget.  With fewer connections than workers,
 the last workers in address order get none, and ``get_pool()`` there raises
-:class:`NoConnectionShare` (raise the budget or use fewer workers).  Without
+:class:`WorkerHasNoPool` (raise the budget or use fewer workers).  Without
 ``max_connections`` each worker's ``max_size`` is its thread count.
 
 What happens as workers come and go: a worker that joins later computes its
@@ -95,7 +95,7 @@ if TYPE_CHECKING:
 
     from aperturedb_pool.pool import ConnectionPool
 
-__all__ = ["PLUGIN_NAME", "BatchTaskLost", "NoConnectionShare", "PoolPlugin", "get_pool",
+__all__ = ["PLUGIN_NAME", "BatchTaskLost", "PoolPlugin", "WorkerHasNoPool", "get_pool",
            "run_batches_on_dask"]
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,9 @@ _PARAM = {**{k: k.lower() for k in CONNECTION_KEYS}, "KEY": "key",
           **{key: kw for key, kw in POOL_OPTION_KEYS.items()}}
 
 
-class NoConnectionShare(PoolError):
-    """This worker's share of ``max_connections`` is zero: it has no pool."""
+class WorkerHasNoPool(PoolError):
+    """This worker has no pool: its share of ``max_connections`` is zero, or the
+    plugin is not set up on it (yet: being registered again; or any more)."""
 
 
 class _Secret:
@@ -297,10 +298,10 @@ class PoolPlugin(WorkerPlugin):
 
     @property
     def pool(self) -> ConnectionPool:
-        """This worker's pool (:class:`NoConnectionShare` when it has none)."""
+        """This worker's pool (:class:`WorkerHasNoPool` when it has none)."""
         pool = self._pool
         if pool is None:
-            raise NoConnectionShare(f"aperturedb-pool {self.name!r}: {self._no_pool}")
+            raise WorkerHasNoPool(f"aperturedb-pool {self.name!r}: {self._no_pool}")
         return pool
 
 
@@ -309,7 +310,8 @@ def get_pool(name: str = PLUGIN_NAME) -> ConnectionPool:
 
     ``name``: the plugin's ``plugin_name``.  Raises ``RuntimeError`` outside a
     Dask worker, ``LookupError`` when no such plugin is registered there, and
-    :class:`NoConnectionShare` when the worker got no share of the budget.
+    :class:`WorkerHasNoPool` when the worker got no share of the budget (or the
+    plugin is being set up again there).
     """
     try:
         worker = get_worker()

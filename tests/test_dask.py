@@ -32,8 +32,8 @@ from aperturedb_pool import OutcomeUnknown, RetryPolicy
 from aperturedb_pool.batch import BatchProgress, BatchResult
 from aperturedb_pool.dask import (
     BatchTaskLost,
-    NoConnectionShare,
     PoolPlugin,
+    WorkerHasNoPool,
     _split_budget,
     get_pool,
     run_batches_on_dask,
@@ -385,7 +385,7 @@ def test_budget_smaller_than_the_workers_leaves_one_without_a_pool(
         without = [w for w, size in sizes.items() if not size]
         assert sorted(sizes.values(), key=bool) == [None, 1]
         fut = client.submit(lambda: get_pool("tiny"), workers=without, pure=False)
-        with pytest.raises(NoConnectionShare, match="max_connections=1"):
+        with pytest.raises(WorkerHasNoPool, match="max_connections=1"):
             fut.result(timeout=30)
         fut = client.submit(lambda: get_pool("nope"), pure=False)
         with pytest.raises(LookupError, match="register_plugin"):
