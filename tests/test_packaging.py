@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # bench's --plot, the pytest plugin) or only on some platforms.
 OPTIONAL = {"flask", "django", "matplotlib", "psutil", "termios", "pytest",
             "opentelemetry", "prometheus_client",  # extras otel, prometheus: metrics
-            "distributed"}  # extra dask (the SDK depends on it too): aperturedb_pool.dask
+            "distributed", "cloudpickle"}  # extra dask (the SDK's dependencies too)
 # Distribution name -> import name, where they differ.
 IMPORT_NAME = {"protobuf": "google"}
 
