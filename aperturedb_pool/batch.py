@@ -186,6 +186,13 @@ class _Call:
         self.idempotent = idempotent
         self.__name__ = getattr(fn, "__name__", "batch")
 
+    @classmethod
+    def of(cls, fn: Callable[..., Any], idempotent: bool | None) -> _Call:
+        """``fn`` with ``idempotent``, or with its own ``idempotent`` mark when None."""
+        if idempotent is None:
+            idempotent = bool(getattr(fn, "idempotent", False))
+        return cls(fn, idempotent)
+
     def __call__(self, conn: Any, batch: Any) -> Any:
         return self.fn(conn, batch)
 
@@ -239,24 +246,11 @@ def run_batches(pool: Any, fn: Callable[[Any, Any], Any], batches: Iterable[Any]
     if isinstance(executor, cf.ProcessPoolExecutor):
         raise TypeError("executor: batches share the pool's connectors, which cannot cross "
                         "processes; pass a ThreadPoolExecutor")
-    if threads is not None:
-        _validate.integer("threads", threads, minimum=1)
-    _validate.integer("max_failures", max_failures, minimum=0, optional=True)
-
-    total: int | None = None
-    if isinstance(batches, Sized):
-        n = len(batches)
-        total = n if batch_size is None else -(-n // batch_size)
-    source: Iterable[Any] = batches if batch_size is None else chunks(batches, batch_size)
-    if idempotent is None:
-        idempotent = bool(getattr(fn, "idempotent", False))
-    call = _Call(fn, idempotent)
+    _check_run_options(threads=threads, max_failures=max_failures, batch_size=batch_size)
+    call = _Call.of(fn, idempotent)
 
     def task(batch: Any) -> Any:
-        try:
-            return pool.run(call, batch, retry=retry)
-        except Exception as e:  # reported in the result, never lost
-            return _Failed(e)
+        return _run_one_batch(pool, call, batch, retry)
 
     own = executor is None
     if executor is None:
@@ -266,6 +260,67 @@ def run_batches(pool: Any, fn: Callable[[Any, Any], Any], batches: Iterable[Any]
         window = workers
     else:
         window = threads or getattr(executor, "_max_workers", None) or pool.max_size
+    run = executor.submit
+    clean_exit = False
+    try:
+        result = _drive_batches(lambda batch: run(task, batch), batches,
+                               batch_size=batch_size, window=window, progress=progress,
+                               max_failures=max_failures, cancel_queued=True)
+        clean_exit = True
+    except BatchAborted:
+        clean_exit = True
+        raise
+    finally:
+        if own:
+            executor.shutdown(wait=clean_exit, cancel_futures=not clean_exit)
+    return result
+
+
+def _check_run_options(*, threads: int | None, max_failures: int | None,
+                       batch_size: int | None, threads_name: str = "threads") -> None:
+    _validate.integer(threads_name, threads, minimum=1, optional=True)
+    _validate.integer("max_failures", max_failures, minimum=0, optional=True)
+    _validate.integer("batch_size", batch_size, minimum=1, optional=True)
+
+
+def _run_one_batch(pool: Any, call: _Call, batch: Any, retry: Any) -> Any:
+    """One batch: ``call(conn, batch)`` through ``pool.run`` under the retry policy.
+
+    Returns what the call returned, or a :class:`_Failed` holding the exception
+    (a failed batch is reported in the result, never raised).  Where the batch
+    runs (a thread of this process, a Dask worker) is the caller's business.
+    """
+    try:
+        return pool.run(call, batch, retry=retry)
+    except Exception as e:  # reported in the result, never lost
+        return _Failed(e)
+
+
+def _drive_batches(submit: Callable[[Any], cf.Future[Any]], batches: Iterable[Any], *,
+                  batch_size: int | None, window: int,
+                  progress: Callable[[BatchProgress], Any] | None,
+                  max_failures: int | None, cancel_queued: bool,
+                  lost: Callable[[BaseException], BaseException] | None = None
+                  ) -> BatchResult:
+    """The bookkeeping of a batch run, whatever runs the batches.
+
+    ``submit(batch)`` starts one batch and returns a future of what
+    :func:`_run_one_batch` returned.  At most ``window`` batches are in flight;
+    the input is read lazily.  Every batch ends in exactly one of
+    ``acknowledged``, ``failed`` or ``skipped``.  When the run stops
+    (``max_failures``, or ``progress`` raised), batches not yet submitted are
+    skipped; with ``cancel_queued`` the submitted ones whose future can still be
+    cancelled are skipped too (a ``ThreadPoolExecutor`` cancels only batches
+    that never started; an executor whose futures can be cancelled while their
+    batch runs, like Dask's, must pass False: its submitted batches finish).
+    ``lost`` turns an exception raised by the executor itself (not by the
+    batch, which :func:`_run_one_batch` catches) into the batch's error.
+    """
+    total: int | None = None
+    if isinstance(batches, Sized):
+        n = len(batches)
+        total = n if batch_size is None else -(-n // batch_size)
+    source: Iterable[Any] = batches if batch_size is None else chunks(batches, batch_size)
 
     result = BatchResult()
     started = time.monotonic()
@@ -281,7 +336,7 @@ def run_batches(pool: Any, fn: Callable[[Any, Any], Any], batches: Iterable[Any]
                 nxt = next(numbered, None)
                 if nxt is None:
                     break
-                pending[executor.submit(task, nxt[1])] = nxt
+                pending[submit(nxt[1])] = nxt
             if not pending:
                 break
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -291,7 +346,10 @@ def run_batches(pool: Any, fn: Callable[[Any, Any], Any], batches: Iterable[Any]
                     result.skipped.append((index, batch))
                     continue
                 exc = fut.exception()
-                value = _Failed(exc) if exc is not None else fut.result()
+                if exc is not None:
+                    value: Any = _Failed(exc if lost is None else lost(exc))
+                else:
+                    value = fut.result()
                 error: BaseException | None = None
                 if isinstance(value, _Failed):
                     error = value.error
@@ -315,7 +373,7 @@ def run_batches(pool: Any, fn: Callable[[Any, Any], Any], batches: Iterable[Any]
                     except Exception as e:
                         abort = e
                         stopping = True
-            if stopping:
+            if stopping and cancel_queued:
                 # Batches submitted but not started are skipped; running ones finish.
                 for fut in list(pending):
                     if fut.cancel():
@@ -327,9 +385,7 @@ def run_batches(pool: Any, fn: Callable[[Any, Any], Any], batches: Iterable[Any]
                 result.skipped.extend(numbered)
         clean_exit = True
     finally:
-        if own:
-            executor.shutdown(wait=clean_exit, cancel_futures=not clean_exit)
-        elif not clean_exit:
+        if not clean_exit:
             for fut in pending:
                 fut.cancel()
     result.acknowledged.sort()

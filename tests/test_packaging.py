@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Imported only by the optional integrations (extras flask/django, the
 # bench's --plot, the pytest plugin) or only on some platforms.
 OPTIONAL = {"flask", "django", "matplotlib", "psutil", "termios", "pytest",
-            "opentelemetry", "prometheus_client"}  # extras otel, prometheus: metrics
+            "opentelemetry", "prometheus_client",  # extras otel, prometheus: metrics
+            "distributed", "cloudpickle"}  # extra dask (the SDK's dependencies too)
 # Distribution name -> import name, where they differ.
 IMPORT_NAME = {"protobuf": "google"}
 

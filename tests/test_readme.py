@@ -46,6 +46,7 @@ MARKERS = {
     "helpers": "db = pool.connector()",
     "metrics": "registry.register(PrometheusCollector(pool))",
     "fastapi": "async with AsyncConnectionPool(template, min_size=2, max_size=8) as pool:",
+    "dask": "client.register_plugin(PoolPlugin(",
 }
 
 
@@ -120,6 +121,19 @@ def test_sdk_helpers_through_the_pool(adb_server: Any,
     _run(code, template=adb_server.connector())
     assert capsys.readouterr().out.splitlines()[-1] == "0 2000"
     assert adb_server.counters()["accepted"] <= 4
+
+
+def test_dask(adb_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """The cluster example as a script (its own LocalCluster of worker processes)."""
+    code = _for_server(_block(MARKERS["dask"]), adb_server.port)
+    code = code.replace("range(20_000)", "range(2_000)")
+    code = code.replace("threads_per_worker=4)", "threads_per_worker=4, dashboard_address=None)")
+    _run(code, __name__="__main__")
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("20 batches acknowledged (2000 items), 0 failed, 0 skipped")
+    assert out[-1] == "2000"
+    counters = adb_server.counters()
+    assert counters["peak_open"] <= 6 and counters["authenticate"] == 2, counters
 
 
 # --- Flask -------------------------------------------------------------------

@@ -147,6 +147,28 @@ def test_hello_and_request_arriving_byte_by_byte(server):
         assert json.loads(reply.json)[0]["Authenticate"]["status"] == 0
 
 
+def test_peak_open_counts_the_most_clients_at_once_and_restarts_at_reset(server):
+    conns = [fast(server) for _ in range(3)]
+    for c in conns:
+        c.query([{"GetStatus": {}}])
+    conns[0].close()
+    conns[1].close()
+    # Wait until the server saw both closes (the loop thread counts them).
+    deadline = time.monotonic() + 10
+    while server.counters()["open"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert server.counters()["peak_open"] == 3
+    server.reset_counters()
+    assert server.counters()["peak_open"] == 1  # what is open now, not zero
+    again = [fast(server) for _ in range(2)]
+    for c in again:
+        c.query([{"GetStatus": {}}])
+    assert server.counters()["peak_open"] == 3
+    for c in again + conns[2:]:
+        c.close()
+
+
 # ------------------------------------------------------------------ sessions
 
 

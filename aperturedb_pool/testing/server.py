@@ -160,6 +160,7 @@ def _new_counters() -> dict[str, Any]:
         "session_rejections": 0, "sharing_violations": 0, "hello_rejected": 0,
         "refused": 0, "dropped": 0, "idle_closed": 0, "fault_closed": 0,
         "garbage_sent": 0, "failed_transactions": 0, "control_requests": 0,
+        "peak_open": 0,
     }
 
 
@@ -441,12 +442,15 @@ class EmbeddedServer:
         arrived on a connection before the previous one was answered;
         ``hello_rejected``, ``refused``, ``dropped``, ``idle_closed``,
         ``fault_closed``, ``garbage_sent``, ``failed_transactions``,
-        ``control_requests``, ``sessions`` (live sessions).
+        ``control_requests``, ``sessions`` (live sessions); ``peak_open``: the most
+        client connections open at once (waiting ones included) since the start or
+        the last ``reset_counters()``, which sets it to ``open``.
         """
         return cast("dict[str, Any]", self._call(self._snapshot_counters))
 
     def reset_counters(self) -> None:
-        """Zero every counter (``open`` and ``waiting`` are live values, not reset)."""
+        """Zero every counter (``open`` and ``waiting`` are live values, not reset;
+        ``peak_open`` restarts at ``open``)."""
         self._call(self._do_reset_counters)
 
     def dump(self) -> list[dict[str, Any]]:
@@ -520,6 +524,7 @@ class EmbeddedServer:
 
     def _do_reset_counters(self) -> None:
         self._counters = _new_counters()
+        self._counters["peak_open"] = self._n_clients
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -814,6 +819,8 @@ class EmbeddedServer:
         conn.protocol = protocol
         self._n_clients += 1
         self._counters["accepted"] += 1
+        if self._n_clients > self._counters["peak_open"]:
+            self._counters["peak_open"] = self._n_clients
         if self._max_clients is not None and self._n_served >= self._max_clients:
             conn.state = _WAITING
             self._waiting.append(conn)
