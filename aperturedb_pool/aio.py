@@ -129,6 +129,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any, Callable, Final
 
+from aperturedb_pool import _validate
 from aperturedb_pool.errors import (
     ConnectorUnusable,
     LeaseError,
@@ -862,10 +863,4 @@ class AsyncConnectionPool:
 
 
 def _check_timeout(name: str, value: Any, *, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    v = float(value)
-    if v != v or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
-                         f"number of seconds, got {value!r}")
-    return v
+    return _validate.duration(name, value, optional=False, allow_zero=allow_zero)

@@ -78,6 +78,7 @@ import cloudpickle
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from aperturedb_pool import _validate
 from aperturedb_pool.batch import (
     BatchProgress,
     BatchResult,
@@ -190,13 +191,9 @@ class PoolPlugin(WorkerPlugin):
                  verify_hostname: bool | None = None,
                  max_connections: int | None = None, min_size: int = 1,
                  plugin_name: str = PLUGIN_NAME, **pool_options: Any) -> None:
-        if max_connections is not None and (isinstance(max_connections, bool) or
-                                            not isinstance(max_connections, int) or
-                                            max_connections < 1):
-            raise ValueError(f"max_connections must be None or an int >= 1 (the cluster's "
-                             f"budget of connections), got {max_connections!r}")
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
+        # max_connections: the cluster's budget of connections.
+        _validate.integer("max_connections", max_connections, minimum=1, optional=True)
+        _validate.integer("min_size", min_size, minimum=0)
         if not isinstance(plugin_name, str) or not plugin_name:
             raise ValueError(f"plugin_name must be a non-empty string, got {plugin_name!r}")
         if "max_size" in pool_options:

@@ -49,6 +49,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from aperturedb_pool import _validate
 from aperturedb_pool.errors import (
     ConnectFailed,
     ConnectorError,
@@ -327,8 +328,9 @@ def _stopped(_state: RetryCallState) -> None:
 
 
 def _check_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _validate.is_number(value):
         raise TypeError(f"RetryPolicy.{name} must be a number, got {value!r}")
+    assert isinstance(value, (int, float))
     return float(value)
 
 
@@ -369,7 +371,7 @@ class RetryPolicy:
         # not in the middle of an outage.  Numbers are stored as float so
         # ``RetryPolicy(max_delay=2)`` and ``RetryPolicy(max_delay=2.0)`` look
         # the same in logs (they are already equal).
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+        if not _validate.is_int(self.max_attempts):
             raise TypeError(f"RetryPolicy.max_attempts must be an int, got {self.max_attempts!r}")
         if self.max_attempts < 1:
             raise ValueError(
