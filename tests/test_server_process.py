@@ -159,3 +159,29 @@ def test_serve_freezes_what_survives_a_full_collection() -> None:
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_the_server_stops_when_the_process_that_started_it_is_killed() -> None:
+    # A parent killed without a chance to call stop() (SIGKILL, a CI timeout)
+    # used to leave its server running forever, in a session of its own.
+    psutil = pytest.importorskip("psutil")
+    code = ("import sys, time\n"
+            "from aperturedb_pool.testing import ServerProcess\n"
+            "sp = ServerProcess().start()\n"
+            "print(sp.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              env={**os.environ, "ADB_LOG_FILE": ""})
+    try:
+        assert parent.stdout is not None
+        server_pid = int(parent.stdout.readline())
+        server = psutil.Process(server_pid)
+        assert server.is_running()
+    finally:
+        parent.kill()
+        parent.wait(10)
+    try:
+        server.wait(timeout=15)  # psutil: returns once the process is gone
+    except psutil.TimeoutExpired:
+        server.kill()
+        pytest.fail("the server outlived the killed process that started it")

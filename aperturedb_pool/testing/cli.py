@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="serve at most N clients at once; others wait (the real server: 500)")
     p.add_argument("--no-control", action="store_true",
                    help="disable the control channel (fault injection from other processes)")
+    p.add_argument("--stop-at-stdin-eof", action="store_true",
+                   help="stop when standard input ends: ServerProcess keeps a pipe to it "
+                        "open, so the server stops when the process that started it is gone "
+                        "(even when it was killed)")
     return p
 
 
@@ -125,6 +129,17 @@ def main(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if a.stop_at_stdin_eof:
+        def parent_gone() -> None:
+            # Blocks until the write end (held by the parent only) is closed:
+            # by the parent, or by the kernel when the parent dies.  os.read,
+            # not sys.stdin: a daemon thread blocked inside a buffered reader
+            # holds its lock, and the interpreter aborts at exit.
+            while os.read(0, 4096):
+                pass
+            stop.set()
+
+        threading.Thread(target=parent_gone, name="stdin-eof", daemon=True).start()
 
     server = EmbeddedServer(
         a.host, a.port, tls=a.tls, certfile=a.cert, keyfile=a.key,

@@ -213,7 +213,8 @@ class ServerProcess(ServerControl):
         self.ca_path: str | None = None
         self.pid: int | None = None
         self.startup_timeout = startup_timeout
-        self._argv = [python or sys.executable, "-m", "aperturedb_pool", "serve"] + _cli_args(
+        self._argv = [python or sys.executable, "-m", "aperturedb_pool", "serve",
+                      "--stop-at-stdin-eof"] + _cli_args(
             host, port, tls, certfile, keyfile, username, password, auth, session_ttl,
             refresh_ttl, latency, tokens, idle_timeout, max_clients)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -235,9 +236,12 @@ class ServerProcess(ServerControl):
         errfile = tempfile.TemporaryFile()
         # A session (and process group) of its own: a Ctrl-C at the terminal
         # goes to the parent's group only, and the parent stops the server
-        # when it is done with it (stop()), after its last queries.
+        # when it is done with it (stop()), after its last queries.  Its
+        # stdin is a pipe only this process writes to: when this process is
+        # gone, even killed without a chance to call stop(), the server reads
+        # end of file and stops (--stop-at-stdin-eof) instead of living on.
         self._proc = proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE, stderr=errfile,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                                             stdin=subprocess.PIPE, start_new_session=True)
         self.pid = proc.pid
         assert proc.stdout is not None
         deadline = time.monotonic() + self.startup_timeout
@@ -290,8 +294,9 @@ class ServerProcess(ServerControl):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        for pipe in (proc.stdout, proc.stdin):
+            if pipe is not None:
+                pipe.close()
         return proc.returncode
 
     @property
