@@ -368,3 +368,22 @@ def test_bench_aio_short_run_reports_throughput_and_lag() -> None:
         c = doc["configs"][name]
         assert c["threads"] == 64 and c["errors"] == [] and c["qps_median"] > 100
         assert 0 < c["ratio_vs_dedicated_median"] and 0 <= c["lag_max_ms"] < 10_000
+
+
+def test_bench_query_cpu_short_run_reports_each_way() -> None:
+    # A bounded sample of stress/bench_query_cpu.py: every way measured, each
+    # a positive CPU per query, and the excesses consistent with the baseline.
+    env = _env()
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, str(ROOT / "stress" / "bench_query_cpu.py"),
+                        "--count", "50", "--rounds", "2", "--json"],
+                       capture_output=True, text=True, timeout=120, env=env,
+                       cwd=str(ROOT / "stress"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    ways = json.loads(p.stdout)["ways"]
+    assert set(ways) == {"dedicated", "lease", "pool.query", "shared"}
+    base = ways["dedicated"]["cpu_us"]
+    assert ways["dedicated"]["over_dedicated_us"] == 0 and base > 0
+    for r in ways.values():
+        assert r["cpu_us"] > 0
+        assert abs(r["over_dedicated_us"] - (r["cpu_us"] - base)) < 0.02
