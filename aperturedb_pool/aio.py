@@ -140,7 +140,7 @@ from aperturedb_pool.errors import (
 )
 from aperturedb_pool.health import socket_of
 from aperturedb_pool.pool import ConnectionPool, Lease
-from aperturedb_pool.retry import RetryPolicy, is_read_only
+from aperturedb_pool.retry import RetryPolicy
 from aperturedb_pool.stats import PoolStats
 
 __all__ = ["AsyncConnectionPool", "AsyncLease", "AsyncConnector", "WrongEventLoop"]
@@ -345,7 +345,7 @@ class _LeaseJob(_Job):
 class _QueryJob(_Job):
     __slots__ = ("q", "blobs", "idempotent", "timeout", "retry")
 
-    def __init__(self, future: asyncio.Future[Any], q: Any, blobs: Any, idempotent: bool,
+    def __init__(self, future: asyncio.Future[Any], q: Any, blobs: Any, idempotent: bool | None,
                  timeout: float | None, retry: RetryPolicy | None) -> None:
         super().__init__(future)
         self.q = q
@@ -419,10 +419,16 @@ class _Shared:
 
 def _worker_loop(shared: _Shared, me: int) -> None:
     jobs, wake, idle = shared.jobs, shared.wake, shared.idle
+    take = wake.get
     while True:
-        idle.append(me)
-        wake.get()
-        idle.remove(me)
+        try:
+            # A token already there (jobs are queued): no need to be counted
+            # idle (``idle`` feeds max_waiting) for an instant.
+            take(False)
+        except queue.Empty:
+            idle.append(me)
+            take()
+            idle.remove(me)
         try:
             job = jobs.popleft()
         except IndexError:  # a withdrawn job's token, or the stop signal
@@ -732,17 +738,21 @@ class AsyncConnectionPool:
         transport failure, a write whose outcome is unknown never is
         (``OutcomeUnknown``); ``timeout`` bounds each attempt's exchange.
         Cancelled, the query's exchange is aborted and no attempt follows."""
-        if idempotent is None:
-            idempotent = is_read_only(q)
+        # idempotent None is judged on the worker, and only if an attempt
+        # fails (_run_policy): nothing on the loop's thread per query.
         if timeout is not None:
             _check_timeout("timeout", timeout, allow_zero=False)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy or None, got {retry!r}")
         loop = self._check_loop()
         job = _QueryJob(loop.create_future(), q, [] if blobs is None else blobs,
-                        bool(idempotent), timeout, retry)
+                        None if idempotent is None else bool(idempotent), timeout, retry)
         self._submit(job, None)
-        return await self._wait(job)
+        try:  # self._wait(job), inline: one coroutine less per query
+            return await job.future
+        except BaseException:
+            self._withdraw(job)
+            raise
 
     # -- internals (all on the loop's thread) ---------------------------------
     def _check_loop(self) -> asyncio.AbstractEventLoop:
