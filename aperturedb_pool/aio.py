@@ -63,7 +63,8 @@ counters, the sweep timer) and each ``AsyncLease``'s are touched only on the
 loop's thread, and need none.  The deques ``jobs``, ``idle`` and ``results``
 are shared, used only through atomic single operations (``append``,
 ``popleft``, ``remove``, ``copy``, ``len``); ``_Shared.posted`` is a hint
-whose races cost one extra wake-up, never a lost result (see ``_post``).  Each request's ``_Abort`` has a
+whose races cost one extra wake-up, never a lost result (see ``_post``).
+Each request's ``_Abort`` (its job is one: one object per request) has a
 ``threading.Lock`` that guards its ``conn`` and ``shot`` fields; it is taken
 only by the worker running the request and by the aborter thread, never by
 the loop's thread, and held for a few attribute stores (and, by the aborter,
