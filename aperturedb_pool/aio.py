@@ -149,6 +149,7 @@ __all__ = ["AsyncConnectionPool", "AsyncLease", "AsyncConnector", "WrongEventLoo
 _monotonic = time.monotonic
 _new_lock = threading.Lock
 _Future = asyncio.Future
+_running_loop = asyncio.get_running_loop
 #: A worker serving a lease checks this often whether its loop was closed
 #: under it (the task can then never end the lease).
 _ORPHAN_CHECK: Final = 1.0
@@ -752,7 +753,9 @@ class AsyncConnectionPool:
             _check_timeout("timeout", timeout, allow_zero=False)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy or None, got {retry!r}")
-        loop = self._check_loop()
+        loop = _running_loop()
+        if loop is not self._loop:
+            self._check_loop()  # raises
         # asyncio.Future(loop=) rather than loop.create_future(): the same
         # future, one Python call less (any loop: uvloop's included).
         job = _QueryJob(_Future(loop=loop), q, [] if blobs is None else blobs,
