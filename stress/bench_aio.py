@@ -35,7 +35,6 @@ This is a benchmark, not a test: the exit status does not depend on targets.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -47,7 +46,14 @@ from typing import Any, Callable
 os.environ.setdefault("ADB_LOG_FILE", "")
 
 from _benchkit import machine_facts, percentile  # noqa: E402
-from bench_e2e import _pin, _sdk_version, measure  # noqa: E402
+from bench_e2e import (  # noqa: E402
+    _pin,
+    _sdk_version,
+    measure,
+    paired_options,
+    run_paired,
+    summary,
+)
 
 Q = [{"GetStatus": {}}]
 CONFIGS = ("dedicated", "aio-query-64", "aio-lease-64", "blocking-64", "sync-query-8")
@@ -108,26 +114,11 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="stress/bench_aio.py", description=__doc__.splitlines()[0])
-    p.add_argument("--duration", type=float, default=None,
-                   help="seconds per measurement (1.5; quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (8; quick 3)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    p.add_argument("--only", default=None, help="comma-separated configurations "
-                                                "(dedicated is always run)")
-    p.add_argument("--no-pin", action="store_true",
-                   help="do not pin the server to CPU 1 and the client to CPU 0")
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    duration = a.duration or (1.0 if a.quick else 1.5)
-    rounds = a.rounds or (3 if a.quick else 8)
-    configs = list(CONFIGS)
-    if a.only:
-        configs = ["dedicated"] + [c for c in a.only.split(",") if c != "dedicated"]
-        bad = [c for c in configs if c not in CONFIGS]
-        if bad:
-            p.error(f"unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}")
+    assert __doc__ is not None
+    a, duration, rounds, configs = paired_options(
+        "stress/bench_aio.py", __doc__, CONFIGS, 8, 3, argv,
+        extra=lambda p: p.add_argument("--loop", choices=("asyncio", "uvloop"),
+                                       default="asyncio"))
 
     from aperturedb_pool import ConnectionPool
     from aperturedb_pool.aio import AsyncConnectionPool
@@ -173,23 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in configs:  # warm-up, not recorded
             run_config(name, 0.5)
-        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
-        others = [c for c in configs if c != "dedicated"]
-        for r in range(rounds):
-            order = others[r % len(others):] + others[:r % len(others)]
-            for name in order:
-                pair = ["dedicated", name] if r % 2 == 0 else [name, "dedicated"]
-                got = {n: run_config(n, duration) for n in pair}
-                res = got[name]
-                res["paired_ratio"] = (res["qps"] / got["dedicated"]["qps"]
-                                       if got["dedicated"]["qps"] else float("nan"))
-                runs[name].append(res)
-                runs["dedicated"].append(got["dedicated"])
-            print(f"round {r + 1}/{rounds}: " + ", ".join(
-                f"{n} {runs[n][-1]['paired_ratio']:.3f}" + (
-                    f" (lag max {runs[n][-1]['lag_max_ms']:.1f} ms)"
-                    if "lag_max_ms" in runs[n][-1] else "") for n in others),
-                file=sys.stderr, flush=True)
+        runs = run_paired(configs, rounds, lambda name: run_config(name, duration),
+                          lambda n, r: (f" (lag max {r['lag_max_ms']:.1f} ms)"
+                                        if "lag_max_ms" in r else ""))
         counters = srv.counters()
         stats = apool.stats()
         loop.run_until_complete(apool.close())
@@ -205,17 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                               "lag_target_ms": LAG_TARGET_MS}
     for name in configs:
         rs = runs[name]
-        c: dict[str, Any] = {
-            "threads": rs[0]["threads"],
-            "qps_median": statistics.median(x["qps"] for x in rs),
-            "qps_runs": [round(x["qps"]) for x in rs],
-            "cpu_us_median": statistics.median(x["cpu_us"] for x in rs),
-            "errors": [e for x in rs for e in x["errors"]][:3],
-        }
+        c: dict[str, Any] = summary(name, rs)
         if name != "dedicated":
-            ratios = [x["paired_ratio"] for x in rs]
-            c["ratio_vs_dedicated_median"] = statistics.median(ratios)
-            c["ratio_runs"] = [round(x, 3) for x in ratios]
             if "lag_max_ms" in rs[0]:
                 c["lag_max_ms"] = max(x["lag_max_ms"] for x in rs)
                 c["lag_max_ms_runs"] = [round(x["lag_max_ms"], 2) for x in rs]

@@ -109,26 +109,80 @@ def measure(threads: int, make_body: Callable[[int], Callable[[], Any]],
             "min": min(counts), "max": max(counts), "errors": errors[:3]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="stress/bench_e2e.py", description=__doc__.splitlines()[0])
+def paired_options(prog: str, doc: str, configs: tuple[str, ...], rounds: int,
+                   quick_rounds: int, argv: list[str] | None,
+                   extra: Callable[[argparse.ArgumentParser], None] | None = None,
+                   ) -> tuple[argparse.Namespace, float, int, list[str]]:
+    """The paired benchmarks' command line (this one and bench_aio.py): the
+    options, the seconds per measurement, the rounds and the configurations
+    chosen (``dedicated``, the baseline, always first)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     p.add_argument("--duration", type=float, default=None,
                    help="seconds per measurement (1.5; quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (10; quick 4)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"rounds ({rounds}; quick {quick_rounds})")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated configurations "
                                                 "(dedicated is always run)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin the server to CPU 1 and the client to CPU 0")
     p.add_argument("--json", action="store_true")
+    if extra is not None:
+        extra(p)
     a = p.parse_args(argv)
-    duration = a.duration or (1.0 if a.quick else 1.5)
-    rounds = a.rounds or (4 if a.quick else 10)
-    configs = list(CONFIGS)
+    chosen = list(configs)
     if a.only:
-        configs = ["dedicated"] + [c for c in a.only.split(",") if c != "dedicated"]
-        bad = [c for c in configs if c not in CONFIGS]
+        chosen = ["dedicated"] + [c for c in a.only.split(",") if c != "dedicated"]
+        bad = [c for c in chosen if c not in configs]
         if bad:
-            p.error(f"unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}")
+            p.error(f"unknown configuration(s) {bad}; choose from {', '.join(configs)}")
+    return (a, a.duration or (1.0 if a.quick else 1.5),
+            a.rounds or (quick_rounds if a.quick else rounds), chosen)
+
+
+def run_paired(configs: list[str], rounds: int, measure_one: Callable[[str], dict[str, Any]],
+               describe: Callable[[str, dict[str, Any]], str] | None = None,
+               ) -> dict[str, list[dict[str, Any]]]:
+    """Every configuration measured once a round right before or right after
+    ``dedicated`` (alternating by round, the order of the others rotating), and
+    its ``paired_ratio`` computed within the pair.  A line per round on stderr."""
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+    others = [c for c in configs if c != "dedicated"]
+    for r in range(rounds):
+        order = others[r % len(others):] + others[:r % len(others)]
+        for name in order:
+            pair = ["dedicated", name] if r % 2 == 0 else [name, "dedicated"]
+            got = {n: measure_one(n) for n in pair}
+            res = got[name]
+            res["paired_ratio"] = (res["qps"] / got["dedicated"]["qps"]
+                                   if got["dedicated"]["qps"] else float("nan"))
+            runs[name].append(res)
+            runs["dedicated"].append(got["dedicated"])
+        print(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {runs[n][-1]['paired_ratio']:.3f}"
+            + (describe(n, runs[n][-1]) if describe is not None else "") for n in others),
+            file=sys.stderr, flush=True)
+    return runs
+
+
+def summary(name: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What both paired benchmarks report of a configuration's measurements."""
+    ratios = [1.0] * len(rs) if name == "dedicated" else [x["paired_ratio"] for x in rs]
+    return {
+        "threads": rs[0]["threads"],
+        "qps_median": statistics.median(x["qps"] for x in rs),
+        "qps_runs": [round(x["qps"]) for x in rs],
+        "ratio_vs_dedicated_median": statistics.median(ratios) if ratios else None,
+        "ratio_runs": [round(x, 3) for x in ratios] if name != "dedicated" else [],
+        "cpu_us_median": statistics.median(x["cpu_us"] for x in rs),
+        "errors": [e for x in rs for e in x["errors"]][:3],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None
+    a, duration, rounds, configs = paired_options("stress/bench_e2e.py", __doc__, CONFIGS,
+                                                  10, 4, argv)
 
     from aperturedb.ConnectionPool import ConnectionPool as SDKPool
 
@@ -189,29 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         # Warm-up, not recorded.
         for name in configs:
             measure(plan[name][0], plan[name][1], 0.5)
-        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
-        others = [c for c in configs if c != "dedicated"]
-        for r in range(rounds):
-            order = others[r % len(others):] + others[:r % len(others)]
-            for name in order:
-                threads, make = plan[name]
-                pair = [("dedicated", plan["dedicated"]), (name, plan[name])]
-                if r % 2:
-                    pair.reverse()
-                bound0 = ours.stats().cpu_bound_seconds
-                got = {n: measure(th, mk, duration) for n, (th, mk) in pair}
-                res = got[name]
-                if name == "ours-32":
-                    # How much of the run the pool found the client CPU-bound
-                    # (cpu_bound_fairness_threshold applied).
-                    res["cpu_bound_share"] = (ours.stats().cpu_bound_seconds - bound0) / duration
-                res["paired_ratio"] = (res["qps"] / got["dedicated"]["qps"]
-                                       if got["dedicated"]["qps"] else float("nan"))
-                runs[name].append(res)
-                runs["dedicated"].append(got["dedicated"])
-            print(f"round {r + 1}/{rounds}: " + ", ".join(
-                f"{n} {runs[n][-1]['paired_ratio']:.3f}" for n in others),
-                file=sys.stderr, flush=True)
+        def measure_one(name: str) -> dict[str, Any]:
+            threads, make = plan[name]
+            bound0 = ours.stats().cpu_bound_seconds
+            res = measure(threads, make, duration)
+            if name == "ours-32":
+                # How much of the run the pool found the client CPU-bound
+                # (cpu_bound_fairness_threshold applied).
+                res["cpu_bound_share"] = (ours.stats().cpu_bound_seconds - bound0) / duration
+            return res
+
+        runs = run_paired(configs, rounds, measure_one)
         counters = srv.counters()
         ours_stats = ours.stats()
         ours.close()
@@ -229,18 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                                   round(x["cpu_bound_share"], 2) for x in runs.get("ours-32", [])]}
     for name in configs:
         rs = runs[name]
-        ratios = [1.0] * len(rs) if name == "dedicated" else [x["paired_ratio"] for x in rs]
-        report["configs"][name] = {
-            "threads": rs[0]["threads"],
-            "qps_median": statistics.median(x["qps"] for x in rs),
-            "qps_runs": [round(x["qps"]) for x in rs],
-            "ratio_vs_dedicated_median": statistics.median(ratios) if ratios else None,
-            "ratio_runs": [round(x, 3) for x in ratios] if name != "dedicated" else [],
-            "jain_median": statistics.median(x["jain"] for x in rs),
-            "cpu_us_median": statistics.median(x["cpu_us"] for x in rs),
-            "starved_max": max(x["starved"] for x in rs),
-            "errors": [e for x in rs for e in x["errors"]][:3],
-        }
+        report["configs"][name] = {**summary(name, rs),
+                                   "jain_median": statistics.median(x["jain"] for x in rs),
+                                   "starved_max": max(x["starved"] for x in rs)}
     if a.json:
         print(json.dumps(report, indent=2))
         return 0
