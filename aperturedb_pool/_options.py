@@ -106,10 +106,6 @@ def _tcp_keepalive(value: Any) -> tuple[float, float, int] | None:
 
 
 def _retry_policy(value: Any) -> RetryPolicy:
-    from aperturedb_pool.retry import RetryPolicy  # (imported on first use, as by the pool)
+    from aperturedb_pool.retry import RetryPolicy, check_policy  # (on first use)
 
-    if value is None:
-        return RetryPolicy()
-    if not isinstance(value, RetryPolicy):
-        raise TypeError(f"retry must be a RetryPolicy, got {value!r}")
-    return value
+    return RetryPolicy() if value is None else check_policy(value)

@@ -141,7 +141,7 @@ from aperturedb_pool.errors import (
 )
 from aperturedb_pool.health import socket_of
 from aperturedb_pool.pool import ConnectionPool, Lease
-from aperturedb_pool.retry import RetryPolicy
+from aperturedb_pool.retry import RetryPolicy, check_policy
 from aperturedb_pool.stats import PoolStats
 
 __all__ = ["AsyncConnectionPool", "AsyncLease", "AsyncConnector", "WrongEventLoop"]
@@ -730,7 +730,7 @@ class AsyncConnectionPool:
         Waits up to ``timeout`` seconds (default: the pool's ``timeout``), in
         order of request, without blocking the event loop."""
         if timeout is not None:
-            _check_timeout("timeout", timeout)
+            _validate.duration("timeout", timeout, optional=False)
         return AsyncLease(self, timeout)
 
     async def acquire(self, timeout: float | None = None) -> AsyncLease:
@@ -750,9 +750,9 @@ class AsyncConnectionPool:
         # idempotent None is judged on the worker, and only if an attempt
         # fails (_run_policy): nothing on the loop's thread per query.
         if timeout is not None:
-            _check_timeout("timeout", timeout, allow_zero=False)
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise TypeError(f"retry must be a RetryPolicy or None, got {retry!r}")
+            _validate.duration("timeout", timeout, optional=False, allow_zero=False)
+        if retry is not None:
+            check_policy(retry)
         loop = _running_loop()
         if loop is not self._loop:
             self._check_loop()  # raises
@@ -883,7 +883,3 @@ class AsyncConnectionPool:
         if reset:
             self._timeouts = self._rejected = 0
         return out
-
-
-def _check_timeout(name: str, value: Any, *, allow_zero: bool = True) -> float:
-    return _validate.duration(name, value, optional=False, allow_zero=allow_zero)

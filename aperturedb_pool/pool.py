@@ -60,7 +60,7 @@ from aperturedb_pool.errors import (
     ServerUnreachable,
 )
 from aperturedb_pool.health import PEER_CLOSED, TLS_READABLE, probe_socket, socket_of
-from aperturedb_pool.retry import RetryPolicy, is_read_only
+from aperturedb_pool.retry import RetryPolicy, check_policy, is_read_only
 from aperturedb_pool.stats import PoolStats
 
 if TYPE_CHECKING:
@@ -71,12 +71,6 @@ logger = logging.getLogger("aperturedb_pool")
 T = TypeVar("T")
 
 _monotonic = time.monotonic  # replaced by tests (tests/_support.py: set_pool_clock)
-
-
-def _check_duration(name: str, value: float | None, *, allow_none: bool = True,
-                    allow_zero: bool = True) -> float | None:
-    # (query() calls it by this name.)
-    return _validate.duration(name, value, optional=allow_none, allow_zero=allow_zero)
 
 
 class ConnectionPool(_MaintenanceWork, Generic[C]):
@@ -563,8 +557,9 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         """
         if blobs is None:
             blobs = []
-        qt = None if timeout is None else _check_duration("timeout", timeout, allow_zero=False)
-        return self._run_policy(self.retry if retry is None else _check_policy(retry),
+        qt = None if timeout is None else _validate.duration("timeout", timeout, optional=False,
+                                                             allow_zero=False)
+        return self._run_policy(self.retry if retry is None else check_policy(retry),
                                 None, q, blobs, qt, idempotent, None)
 
     def run(self, fn: Callable[..., T], *args: Any, retry: RetryPolicy | None = None,
@@ -579,7 +574,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         def body(conn: Any) -> T:
             return fn(conn, *args, **kwargs)
 
-        return self._run_policy(self.retry if retry is None else _check_policy(retry),
+        return self._run_policy(self.retry if retry is None else check_policy(retry),
                                 body, None, None, None, bool(getattr(fn, "idempotent", False)),
                                 getattr(fn, "__name__", "callable"))
 
@@ -613,9 +608,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         (tenacity's loop).  Nothing is built before a failure (no closure, no
         label, no idempotency check): nearly every call succeeds at once.
         """
-        if idempotent is None:
-            idempotent = self._is_read_only(q)
-        idem = idempotent
+        idem: bool = self._is_read_only(q) if idempotent is None else idempotent
         describe: str | Callable[[], str] = (label if label is not None
                                              else lambda: _describe_query(q))
         try:
@@ -706,13 +699,6 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
     # -- fork ----------------------------------------------------------------
     def _after_fork_in_child(self) -> None:
         _fork.reset_in_child(self)  # (see aperturedb_pool._fork)
-
-
-def _check_policy(retry: object) -> RetryPolicy:
-    if not isinstance(retry, RetryPolicy):
-        raise TypeError(f"retry must be a RetryPolicy (or None for the pool's own), got "
-                        f"{retry!r}")
-    return retry
 
 
 def _describe_query(q: Any) -> str:

@@ -323,6 +323,15 @@ def _plural(n: int, word: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+def check_policy(retry: object) -> RetryPolicy:
+    """``retry`` if it is a :class:`RetryPolicy`; a ``TypeError`` naming the
+    parameter otherwise (the one check of every ``retry=`` argument)."""
+    if not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a RetryPolicy (or None for the pool's own), got "
+                        f"{retry!r}")
+    return retry
+
+
 def _stopped(_state: RetryCallState) -> None:
     return None
 
