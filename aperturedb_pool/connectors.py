@@ -432,16 +432,21 @@ def instrument(conn: Any, slot: Any, *, tcp_keepalive: tuple[float, float, int] 
         _wrapper_codes.add(connect.__code__)  # the SDK's connect logs are noise too
 
         # The SDK refreshes the shared session (_refresh_token) or logs in
-        # (authenticate) inside query(), before it sends the caller's query
+        # (_authenticate, reached through authenticate() only when the shared
+        # session has none) inside query(), before it sends the caller's query
         # (or, after the server rejected the session, before it sends it
         # again: the rejected request did not run).  A transport failure there
         # means the caller's query did not run: ConnectFailed, which any policy
         # may retry.  (The SDK's other caller, its reconnect loop, never gets
         # that far: connect() below refuses to reconnect inside a query.)
-        for name in ("_refresh_token", "authenticate"):
+        # The login itself is wrapped, not authenticate(), which the SDK calls
+        # before every query: a wrapper there would cost every query a call.
+        login = "_authenticate" if callable(getattr(conn, "_authenticate", None)) \
+            else "authenticate"
+        for name in ("_refresh_token", login):
             orig = getattr(conn, name, None)
             if callable(orig):
-                setattr(conn, name, _before_the_query(orig, where, conn if name == "authenticate"
+                setattr(conn, name, _before_the_query(orig, where, conn if name == login
                                                       else None))
 
     def query(q: Any, blobs: Any = None) -> Any:
