@@ -1,7 +1,8 @@
 """injection: an exception at every point of the lease paths where CPython can deliver one.
 
-The suite's ``tests/test_injection.py`` raises at every line the lease paths
-run, one exception kind per point.  This run is the exhaustive form: it raises
+The suite's ``tests/test_injection.py`` raises at a third of the lines the
+lease paths run (a different third each day), one exception kind per point.
+This run is the exhaustive form: it raises
 after every call instruction (where CPython delivers a signal handler's or an
 asynchronous exception: the call returned, its result not yet stored), at
 every function entry and at every line, and at each point both kinds
@@ -11,8 +12,8 @@ time (the scenario and its checks are ``tests/_injection.py``'s).
 Invariants at every point: the traced thread and the helpers finish; ``stats()``
 returns from another thread; ``max_size`` leases are held at once within 5 s;
 every connector answers its own key and every answer read was its own;
-``close()`` returns.  ``--quick``: lines only, one kind per point (the suite's
-run).
+``close()`` returns.  ``--quick``: every line, one kind per point (what the suite
+runs a third of).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -372,18 +373,35 @@ def test_bench_aio_short_run_reports_throughput_and_lag() -> None:
 
 def test_bench_query_cpu_short_run_reports_each_way() -> None:
     # A bounded sample of stress/bench_query_cpu.py: every way measured, each
-    # a positive CPU per query, and the excesses consistent with the baseline.
+    # a positive CPU per query.  One round: the within-round differences are
+    # the differences of the figures reported.  Then the network taken out.
     env = _env()
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, str(ROOT / "stress" / "bench_query_cpu.py"),
-                        "--count", "50", "--rounds", "2", "--json"],
-                       capture_output=True, text=True, timeout=120, env=env,
-                       cwd=str(ROOT / "stress"))
-    assert p.returncode == 0, p.stdout + p.stderr
-    ways = json.loads(p.stdout)["ways"]
+
+    def run(*args: str) -> dict[str, Any]:
+        p = subprocess.run([sys.executable, str(ROOT / "stress" / "bench_query_cpu.py"),
+                            "--count", "50", "--json", *args],
+                           capture_output=True, text=True, timeout=120, env=env,
+                           cwd=str(ROOT / "stress"))
+        assert p.returncode == 0, p.stdout + p.stderr
+        return json.loads(p.stdout)  # type: ignore[no-any-return]
+
+    report = run("--rounds", "1")
+    assert report["no_network"] is False
+    ways = report["ways"]
     assert set(ways) == {"dedicated", "lease", "pool.query", "shared"}
     base = ways["dedicated"]["cpu_us"]
     assert ways["dedicated"]["over_dedicated_us"] == 0 and base > 0
+    assert ways["dedicated"]["vs_dedicated"] == 1.0
     for r in ways.values():
         assert r["cpu_us"] > 0
         assert abs(r["over_dedicated_us"] - (r["cpu_us"] - base)) < 0.02
+        assert abs(r["over_lease_us"] - (r["cpu_us"] - ways["lease"]["cpu_us"])) < 0.02
+
+    quiet = run("--rounds", "3", "--no-network")
+    assert quiet["no_network"] is True and set(quiet["ways"]) == set(ways)
+    assert all(r["cpu_us"] > 0 for r in quiet["ways"].values())
+    assert quiet["ways"]["lease"]["over_lease_us"] == 0
+    # No system call left: every way costs less than with the network.
+    for name, r in quiet["ways"].items():
+        assert r["cpu_us"] < ways[name]["cpu_us"], (name, r, ways[name])
