@@ -405,3 +405,28 @@ def test_bench_query_cpu_short_run_reports_each_way() -> None:
     # No system call left: every way costs less than with the network.
     for name, r in quiet["ways"].items():
         assert r["cpu_us"] < ways[name]["cpu_us"], (name, r, ways[name])
+
+
+def test_paired_rounds_ratio_queries_and_cpu_within_each_pair(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # stress/bench_e2e.py's pairing, the logic alone: the machine's speed
+    # drifts from round to round; each ratio is taken within its pair, so the
+    # drift cancels and every round gives the same ratios.
+    monkeypatch.syspath_prepend(str(ROOT / "stress"))
+    import bench_e2e
+
+    calls: list[str] = []
+
+    def measure_one(name: str) -> dict[str, Any]:
+        calls.append(name)
+        speed = 1.0 + 0.5 * ((len(calls) - 1) // 2)  # a drift every pair
+        qps, cpu = {"dedicated": (1000.0, 30.0), "x": (900.0, 32.0)}[name]
+        return {"qps": qps * speed, "cpu_us": cpu / speed, "threads": 8, "errors": []}
+
+    runs = bench_e2e.run_paired(["dedicated", "x"], 4, measure_one)
+    # Before dedicated in one round, after it in the next.
+    assert calls == ["dedicated", "x", "x", "dedicated"] * 2
+    s = bench_e2e.summary("x", runs["x"])
+    assert s["ratio_runs"] == [0.9] * 4 and s["ratio_vs_dedicated_median"] == pytest.approx(0.9)
+    assert s["cpu_ratio_vs_dedicated_median"] == pytest.approx(30.0 / 32.0)
+    assert bench_e2e.summary("dedicated", runs["dedicated"])["cpu_ratio_vs_dedicated_median"] == 1
