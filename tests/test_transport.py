@@ -152,6 +152,19 @@ def test_an_override_set_on_the_instance_is_kept(adb_server: Any) -> None:
         assert len(sent) == before + 1
 
 
+def test_the_per_query_path_runs_no_wrapper_of_the_sdks_session_steps(adb_server: Any) -> None:
+    # The SDK calls authenticate() before every query; the pool's check of the
+    # login (a failure there means the query was not sent) wraps the login
+    # itself, which runs only when the shared session has none, so a query
+    # on a logged-in session makes no call the dedicated clone does not.
+    with ConnectionPool(adb_server.connector(), min_size=1, max_size=1, timeout=JOIN) as pool:
+        with pool.lease() as conn:
+            conn.query(FIND)
+            assert getattr(conn.authenticate, "__func__", None) is Connector.authenticate
+            assert getattr(conn._authenticate, "__func__", None) is not Connector._authenticate
+            assert getattr(conn._refresh_token, "__func__", None) is not Connector._refresh_token
+
+
 def _sdk_records(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "aperturedb.Connector"]
 
