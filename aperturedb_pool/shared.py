@@ -125,6 +125,7 @@ class PooledConnector:
         last.state = _NO_ANSWER
         pool = self.pool
         started = _monotonic()
+        result: Any
         try:
             if timeout is None and retry is None:
                 # pool.query's own path without its argument checks (none to
