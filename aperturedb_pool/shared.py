@@ -71,10 +71,6 @@ _SENSITIVE_KEYS = frozenset({"refresh_token", "session_token", "token", "access_
 _STATUS_NOT_FOUND = -2
 
 
-# A thread's state while its query runs, and after one that raised.
-_NO_ANSWER: tuple[Any, Any, Any, float, float | None] = (None, None, None, 0.0, None)
-
-
 class _LastQuery(threading.local):
     # One tuple per thread, replaced whole (one attribute write per query):
     # (response, blobs, last_response, seconds, time.time() of the answer).
@@ -119,14 +115,14 @@ class PooledConnector:
         ``retry`` as on ``ConnectionPool.query``.  A failed transaction is an
         answer, returned as the SDK returns it (see ``last_query_ok()``).
         """
-        last = self._last
-        # Cleared first: an exception landing anywhere below (a signal
-        # handler's, between two statements) leaves no earlier answer behind.
-        last.state = _NO_ANSWER
-        pool = self.pool
         started = _monotonic()
-        result: Any
+        # Everything else inside the try: an exception landing anywhere in it
+        # (a signal handler's, between two statements, even after the answer
+        # was recorded) records "no answer" before it propagates, so a query
+        # that raised never leaves an earlier answer behind.
         try:
+            pool = self.pool
+            result: Any
             if timeout is None and retry is None:
                 # pool.query's own path without its argument checks (none to
                 # make): called positionally, one call less per query.
@@ -135,12 +131,12 @@ class PooledConnector:
             else:
                 result = pool.query(q, blobs, idempotent=idempotent, timeout=timeout,
                                     retry=retry)
+            response, rblobs = result
+            self._last.state = (response, rblobs, response, _monotonic() - started, _wall())
+            return result
         except BaseException:
-            last.state = (None, None, None, _monotonic() - started, None)
+            self._last.state = (None, None, None, _monotonic() - started, None)
             raise
-        response, rblobs = result
-        last.state = (response, rblobs, response, _monotonic() - started, _wall())
-        return result
 
     def last_query_ok(self) -> bool:
         """Whether this thread's last query through this object succeeded (every status >= 0)."""
