@@ -73,10 +73,11 @@ _STATUS_NOT_FOUND = -2
 
 class _LastQuery(threading.local):
     # One tuple per thread, replaced whole (one attribute write per query):
-    # (response, blobs, last_response, seconds, time.time() of the answer).
-    # The class attribute is each thread's default, what a fresh SDK
-    # Connector has.
-    state: tuple[Any, Any, Any, float, float | None] = (None, None, "", 0.0, None)
+    # (response, blobs, last_response, started, ended, answered), the times
+    # time.monotonic() values (the wall-clock time of the answer is derived
+    # when asked for: one clock read less per query).  The class attribute is
+    # each thread's default, what a fresh SDK Connector has.
+    state: tuple[Any, Any, Any, float, float, bool] = (None, None, "", 0.0, 0.0, False)
 
 
 class PooledConnector:
@@ -132,10 +133,10 @@ class PooledConnector:
                 result = pool.query(q, blobs, idempotent=idempotent, timeout=timeout,
                                     retry=retry)
             response, rblobs = result
-            self._last.state = (response, rblobs, response, _monotonic() - started, _wall())
+            self._last.state = (response, rblobs, response, started, _monotonic(), True)
             return result
         except BaseException:
-            self._last.state = (None, None, None, _monotonic() - started, None)
+            self._last.state = (None, None, None, started, _monotonic(), False)
             raise
 
     def last_query_ok(self) -> bool:
@@ -185,14 +186,18 @@ class PooledConnector:
 
     @property
     def last_query_time(self) -> float:
-        return self._last.state[3]
+        state = self._last.state
+        return state[4] - state[3]
 
     @property
     def last_query_timestamp(self) -> datetime | None:
         # A datetime only when asked for: datetime.now() per query costs more
-        # than the rest of this object's bookkeeping.
-        finished = self._last.state[4]
-        return None if finished is None else datetime.fromtimestamp(finished)
+        # than the rest of this object's bookkeeping.  The answer came
+        # (now - ended) seconds ago, on the monotonic clock.
+        state = self._last.state
+        if not state[5]:
+            return None
+        return datetime.fromtimestamp(_wall() - (_monotonic() - state[4]))
 
     def get_last_response_str(self) -> str:
         """This thread's last response as indented JSON, tokens censored (as the SDK)."""
@@ -204,7 +209,7 @@ class PooledConnector:
     def get_last_query_time(self) -> float:
         """Seconds this thread's last query through this object took, from the call
         to the answer: the wait for a connector and any retries included."""
-        return self._last.state[3]
+        return self.last_query_time
 
     def clone(self) -> "PooledConnector":
         """Another PooledConnector of the same pool (no socket is opened)."""

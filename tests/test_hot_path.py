@@ -40,7 +40,7 @@ BUDGET = {
     # pool.query's, with PooledConnector.query in place of pool.query.
     "shared": 9,
 }
-C_BUDGET = {"lease": 5, "pool.query": 8, "shared": 11}
+C_BUDGET = {"lease": 5, "pool.query": 8, "shared": 10}
 
 
 def _calls(f: Callable[[], Any]) -> tuple[int, int, collections.Counter[str]]:

@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -387,7 +388,11 @@ def test_last_response_str_censors_tokens(adb_server: Any, pool: Any) -> None:
     text = db.get_last_response_str()
     assert token not in text and "..." in text
     assert db.get_response()[0]["Authenticate"]["session_token"] == token  # not rewritten
-    assert db.last_query_timestamp is not None
+    # When the answer came, on the wall clock (derived from the monotonic
+    # clock when asked for).
+    answered = db.last_query_timestamp
+    assert answered is not None
+    assert abs((datetime.now() - answered).total_seconds()) < 5, answered
 
 
 def test_an_interrupted_query_leaves_no_stale_answer(adb_server: Any, pool: Any) -> None:
@@ -418,6 +423,8 @@ def test_an_interrupted_query_leaves_no_stale_answer(adb_server: Any, pool: Any)
         signal.signal(signal.SIGALRM, previous)
     adb_server.set_latency(0)
     assert db.get_response() is None and not db.last_query_ok()
+    # No answer, so no time of one; the time the query took until it raised.
+    assert db.last_query_timestamp is None and db.get_last_query_time() >= 0.04
     assert pool.stats().discarded == {"interrupted": 1}
     for k in (3, 1, 4):
         response, _ = db.query([{"FindEntity": {"with_class": "Person",
