@@ -45,6 +45,16 @@ shared-8 >= 0.95.  Also per-thread fairness for
 the 32-thread runs: Jain's index of the per-thread query counts and the
 threads that got less than a tenth of the mean ("starved").
 
+``--same-slots``: each configuration and ``dedicated`` run at the same time,
+in two processes of this script (each with its own embedded server, pinned as
+above: both clients share CPU 0, both servers CPU 1) during the same
+wall-clock slots of ``--duration`` seconds, and the ratio of their queries/s
+is taken slot by slot.  Whatever else runs on the machine falls on both, so
+the figures hold on a busy machine; but each client has half a core and the
+two processes preempt each other at every system call, a harsher regime than
+the paired one (caches and TLBs are shared with the other process), in which
+the code a query runs beyond the SDK's costs more than its instruction count.
+
 This is a benchmark, not a test: the exit status does not depend on targets.
 """
 
@@ -54,6 +64,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -190,8 +201,19 @@ def summary(name: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     assert __doc__ is not None
+    def slots_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--same-slots", action="store_true",
+                       help="measure each configuration and dedicated at the same time, in "
+                            "two processes sharing the client CPU (see the module doc)")
+        p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
+
     a, duration, rounds, configs = paired_options("stress/bench_e2e.py", __doc__, CONFIGS,
-                                                  10, 4, argv)
+                                                  10, 4, argv, slots_options)
+    if a.same_slots and a.child is None:
+        return _same_slots(a, configs, rounds, duration)
+    if a.child is not None:
+        configs = [a.child]
 
     from aperturedb.ConnectionPool import ConnectionPool as SDKPool
 
@@ -262,6 +284,26 @@ def main(argv: list[str] | None = None) -> int:
                 res["cpu_bound_share"] = (ours.stats().cpu_bound_seconds - bound0) / duration
             return res
 
+        if a.child is not None:
+            # One configuration in slots aligned with another process's (see
+            # _same_slots): queries/s per slot, None for a slot missed.
+            slots: list[Any] = []
+            period = duration + _SLOT_GAP
+            for i in range(rounds):
+                begin = a.start_at + i * period
+                wait = begin - time.time()
+                if wait < -0.05:
+                    slots.append(None)
+                    continue
+                time.sleep(max(wait, 0.0))
+                res = measure_one(a.child)
+                slots.append({"qps": res["qps"], "cpu_us": res["cpu_us"],
+                              "errors": res["errors"]})
+            ours.close()
+            strict.close()
+            sdk.close()
+            print(json.dumps(slots))
+            return 0
         runs = run_paired(configs, rounds, measure_one)
         counters = srv.counters()
         ours_stats = ours.stats()
@@ -315,6 +357,71 @@ def main(argv: list[str] | None = None) -> int:
         print("ours-32: share of each round the pool found the client CPU-bound "
               "(cpu_bound_fairness_threshold applied): "
               + " ".join(f"{x:.2f}" for x in report["ours_32_cpu_bound_share"]))
+    return 0
+
+
+_SLOT_GAP = 0.4  # seconds between slots: the threads of a slot start and stop
+_SLOT_SETUP = 12.0  # seconds for both processes to start their server and warm up
+
+
+def _same_slots(a: argparse.Namespace, configs: list[str], rounds: int,
+                duration: float) -> int:
+    """``--same-slots``: for each configuration, it and ``dedicated`` run in two
+    processes of this script (each with its own embedded server, pinned as
+    usual: both clients on CPU 0, both servers on CPU 1) during the same
+    wall-clock slots; the ratio of their queries/s is taken slot by slot."""
+    report: dict[str, Any] = {"machine": machine_facts(), "duration_s": duration,
+                              "rounds": rounds, "same_slots": True, "configs": {}}
+    for name in [c for c in configs if c != "dedicated"]:
+        start = time.time() + _SLOT_SETUP
+        procs = {}
+        for who in ("dedicated", name):
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", who,
+                   "--start-at", repr(start), "--rounds", str(rounds),
+                   "--duration", repr(duration)]
+            if a.no_pin:
+                cmd.append("--no-pin")
+            procs[who] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        got = {}
+        for who, proc in procs.items():
+            out, _ = proc.communicate(timeout=_SLOT_SETUP + rounds * (duration + _SLOT_GAP)
+                                      + 120)
+            if proc.returncode != 0:
+                print(f"{who}: exit status {proc.returncode}", file=sys.stderr)
+                return 1
+            got[who] = json.loads(out.strip().splitlines()[-1])
+        ratios = [x["qps"] / d["qps"] for x, d in zip(got[name], got["dedicated"], strict=True)
+                  if x is not None and d is not None and d["qps"]]
+        cpu = [d["cpu_us"] / x["cpu_us"] for x, d in zip(got[name], got["dedicated"],
+                                                         strict=True)
+               if x is not None and d is not None and x["cpu_us"]]
+        report["configs"][name] = {
+            "ratio_vs_dedicated_median": statistics.median(ratios) if ratios else None,
+            "ratio_runs": [round(r, 3) for r in ratios],
+            "cpu_ratio_vs_dedicated_median": statistics.median(cpu) if cpu else None,
+            "slots_missed": rounds - len(ratios),
+            "errors": [e for x in got[name] if x for e in x["errors"]][:3]}
+        print(f"{name}: " + " ".join(f"{r:.3f}" for r in ratios), file=sys.stderr, flush=True)
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    m = report["machine"]
+    print(f"end to end, same slots: each configuration and dedicated in two processes "
+          f"during the same {duration:g} s slots ({rounds}), sharing the client CPU; "
+          f"load {m['loadavg_1m']}, {m['date']}, git {m['git']}")
+    print(f"{'config':<11} {'vs (a) median':>13} {'cpu vs (a)':>10}  {'target':<16} "
+          f"ratios by slot")
+    for name, c in report["configs"].items():
+        ratio = c["ratio_vs_dedicated_median"]
+        target = TARGETS.get(name)
+        verdict = "" if target is None or ratio is None else (
+            f">= {target}: " + ("met" if ratio >= target else "MISSED"))
+        print(f"{name:<11} {ratio or float('nan'):>13.3f} "
+              f"{c['cpu_ratio_vs_dedicated_median'] or float('nan'):>10.3f}  {verdict:<16} "
+              + " ".join(f"{x:.2f}" for x in c["ratio_runs"])
+              + (f"  ({c['slots_missed']} slots missed)" if c["slots_missed"] else ""))
+        if c["errors"]:
+            print(f"  errors: {c['errors']}")
     return 0
 
 
