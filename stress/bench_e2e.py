@@ -108,18 +108,33 @@ def measure(threads: int, make_body: Callable[[int], Callable[[], Any]],
     barrier.wait()
     t0 = time.perf_counter()
     c0 = time.process_time()
+    r0 = _switches()
     time.sleep(duration)
     stop.set()
     t1 = time.perf_counter()
     c1 = time.process_time()
+    r1 = _switches()
     for t in ts:
         t.join(30)
     total = sum(counts)
     mean = total / threads if threads else 0
     return {"qps": total / (t1 - t0), "queries": total, "threads": threads,
             "cpu_us": (c1 - c0) / total * 1e6 if total else float("nan"),
+            # Context switches of this process per query: voluntary (a thread
+            # blocked: a read, a lock, the GIL) and involuntary (preempted).
+            "vcsw_per_q": (r1[0] - r0[0]) / total if total else float("nan"),
+            "ivcsw_per_q": (r1[1] - r0[1]) / total if total else float("nan"),
             "jain": jain_index(counts), "starved": sum(1 for c in counts if c < 0.1 * mean),
             "min": min(counts), "max": max(counts), "errors": errors[:3]}
+
+
+def _switches() -> tuple[int, int]:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux
+        return (0, 0)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_nvcsw, ru.ru_nivcsw
 
 
 def paired_options(prog: str, doc: str, configs: tuple[str, ...], rounds: int,
@@ -297,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 time.sleep(max(wait, 0.0))
                 res = measure_one(a.child)
-                slots.append({"qps": res["qps"], "cpu_us": res["cpu_us"],
-                              "errors": res["errors"]})
+                slots.append({k: res[k] for k in ("qps", "cpu_us", "vcsw_per_q",
+                                                  "ivcsw_per_q", "errors")})
             ours.close()
             strict.close()
             sdk.close()
