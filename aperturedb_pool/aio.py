@@ -167,14 +167,15 @@ class _Abandoned(Exception):
 class _Abort:
     """Cancellation of one request's exchanges (see "Cancellation").
 
-    ``aborted`` is written once, by the loop's thread, and read by the worker;
-    ``conn`` and ``shot`` are guarded by ``lock`` (the worker and the aborter
-    thread only)."""
+    ``aborted`` is written once, by the loop's thread, and read by the worker.
+    ``conn`` and ``shot`` are guarded by ``lock``, the lock of the worker that
+    took the request (None until one did), taken by that worker and by the
+    aborter thread only."""
 
     __slots__ = ("lock", "aborted", "conn", "shot")
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock: threading.Lock | None = None
         self.aborted = False
         self.conn: Any = None  # the connector the worker is exchanging on
         self.shot = False  # the aborter shut its socket down
@@ -182,21 +183,23 @@ class _Abort:
 
 def _exchange(abort: _Abort, conn: Any, q: Any, blobs: Any) -> Any:
     """On a worker: ``conn.query(q, blobs)`` unless its task gave up first."""
-    with abort.lock:
+    lock = abort.lock
+    assert lock is not None  # set by the worker that took the request
+    with lock:
         if abort.aborted:
             raise _Abandoned("the task was cancelled before its query was sent")
         abort.conn = conn
     try:
         result = conn.query(q, blobs)
     except BaseException as e:
-        with abort.lock:
+        with lock:
             abort.conn = None
             shot = abort.shot
         if shot:
             raise _Abandoned("the task was cancelled during its query; the connection "
                              "was shut down") from e
         raise
-    with abort.lock:
+    with lock:
         abort.conn = None
         shot = abort.shot
     if shot:
@@ -211,7 +214,13 @@ def _aborter_loop(requests: queue.SimpleQueue[_Abort | None]) -> None:
         abort = requests.get()
         if abort is None:
             return
-        with abort.lock:
+        lock = abort.lock
+        if lock is None:
+            # No worker took the request yet.  ``aborted`` was set before it
+            # was queued here, so a worker that takes it reads it (under its
+            # lock, before sending) and sends nothing.
+            continue
+        with lock:
             sock = socket_of(abort.conn) if abort.conn is not None else None
             if sock is not None and not abort.shot:
                 abort.shot = True
@@ -225,21 +234,31 @@ def _aborter_loop(requests: queue.SimpleQueue[_Abort | None]) -> None:
 
 # -- results, posted by workers and run on the loop's thread ------------------
 
-def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if fut.done():  # cancelled: the task has gone
-        return
-    if error is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(error)
-
-
 def _grant(job: _LeaseJob, lease: Lease) -> None:
     if job.future.done():
         # Cancelled while the worker acquired: the lease goes back unused.
         job.inbox.put(_End(None, False))
     else:
         job.future.set_result(lease)
+
+
+def _deliver(shared: _Shared, entry: tuple[Any, Any, Any]) -> None:
+    """From a worker: queue ``entry`` for ``_Shared.drain`` on the pool's loop:
+    ``(future, result, error)`` settles the future, ``(None, fn, args)`` runs
+    ``fn(*args)``."""
+    shared.results.append(entry)
+    # One wake-up of the loop for every batch of results: a wake-up is a
+    # system call here and a loop iteration there.  The loop clears
+    # ``posted`` before it drains (see _Shared.drain): a result appended
+    # after the drain's last look finds it clear and schedules another.
+    if not shared.posted:
+        shared.posted = True
+        loop = shared.loop
+        assert loop is not None
+        try:
+            loop.call_soon_threadsafe(shared.drain)
+        except RuntimeError:  # the loop is closed: nobody awaits the result
+            pass
 
 
 def _post(shared: _Shared, fn: Callable[..., None], *args: Any) -> bool:
@@ -249,18 +268,8 @@ def _post(shared: _Shared, fn: Callable[..., None], *args: Any) -> bool:
     assert loop is not None
     if loop.is_closed():
         return False
-    shared.results.append((fn, args))
-    # One wake-up of the loop for every batch of results: a wake-up is a
-    # system call here and a loop iteration there.  The loop clears
-    # ``posted`` before it drains (see _Shared.drain): a result appended
-    # after the drain's last look finds it clear and schedules another.
-    if not shared.posted:
-        shared.posted = True
-        try:
-            loop.call_soon_threadsafe(shared.drain)
-        except RuntimeError:  # closed since the test above
-            return False
-    return True
+    _deliver(shared, (None, fn, args))
+    return not loop.is_closed()
 
 
 # -- jobs ---------------------------------------------------------------------
@@ -279,21 +288,64 @@ class _End:
         self.returned = returned  # the loop returned the connector itself
 
 
+class _Hold:
+    """One worker thread's own state, touched by that thread only (but ``lock``).
+
+    ``lease``: the ``sync_pool`` Lease the worker holds between query jobs
+    (see "Workers" in the module doc), or None.  ``lock``: the lock of the
+    jobs this worker takes (``_Abort.lock``), one for all of them."""
+
+    __slots__ = ("lease", "lock")
+
+    def __init__(self) -> None:
+        self.lease: Lease | None = None
+        self.lock = threading.Lock()
+
+    def ready(self, pool: ConnectionPool) -> bool:
+        """Whether the next query job may run on a held lease (this one, or
+        one its first attempt leases) and keep it.  A held lease that may not
+        serve it is returned first (``Lease.__exit__``: the return rule then
+        decides whether it stays idle, goes to a waiter or is dropped)."""
+        # Only for plain leases: leak tracking, ownership checks and metrics
+        # time each lease, which a hold would stretch over many queries.
+        ok = pool._fast and pool._metrics is None
+        lease = self.lease
+        if lease is not None:
+            slot = lease._slot
+            assert slot is not None
+            # The fast return's rule (Lease.__exit__: pool._fast, the
+            # generation, the lifetime), and nobody waits in sync_pool (a
+            # waiting thread or worker is served by the return).
+            if (ok and slot.generation == pool._generation and not pool._waiters and
+                    _monotonic() < slot.expires):
+                slot.uses += 1  # a lease granted per query, as without the hold
+                return True
+            self.let_go()
+        return ok
+
+    def let_go(self) -> None:
+        """Return the held lease, if any (a clean return: no query under way)."""
+        lease = self.lease
+        if lease is not None:
+            self.lease = None
+            lease.__exit__(None, None, None)
+
+
 class _Job(_Abort):
     # A job is its request's _Abort (one object per request, not two).
     __slots__ = ("future", "wait", "deadline", "__weakref__")
 
     def __init__(self, future: asyncio.Future[Any]) -> None:
         # _Abort's fields, set here: one call less per request.
-        self.lock = _new_lock()
+        self.lock = None
         self.aborted = False
-        self.conn: Any = None
+        self.conn = None
         self.shot = False
         self.future = future
         self.wait = 0.0  # seconds it may wait for a connector (set by _submit)
         self.deadline = 0.0  # time.monotonic() when that wait ends
 
-    def run(self, shared: _Shared) -> None:  # pragma: no cover - abstract
+    def run(self, shared: _Shared, hold: _Hold) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -306,13 +358,16 @@ class _LeaseJob(_Job):
         self.inbox: queue.SimpleQueue[tuple[Any, Any, asyncio.Future[Any]] | _End] = \
             queue.SimpleQueue()
 
-    def run(self, shared: _Shared) -> None:
+    def run(self, shared: _Shared, hold: _Hold) -> None:
         loop = shared.loop
         assert loop is not None
+        # A lease is acquired for the task (an _ManualLease: the task ends it,
+        # possibly on the loop's thread), never served from the worker's hold.
+        hold.let_go()
         try:
             lease = shared.pool.acquire(max(0.0, self.deadline - _monotonic()))
         except BaseException as e:
-            _post(shared, _settle, self.future, None, e)
+            _deliver(shared, (self.future, None, e))
             return
         if not _post(shared, _grant, self, lease):
             lease.release()
@@ -337,18 +392,18 @@ class _LeaseJob(_Job):
                         lease.release(cmd.error)
                 except BaseException as e:  # pragma: no cover - a bug: tell the task
                     if cmd.done is not None:
-                        _post(shared, _settle, cmd.done, None, e)
+                        _deliver(shared, (cmd.done, None, e))
                     raise
                 if cmd.done is not None:
-                    _post(shared, _settle, cmd.done, None, None)
+                    _deliver(shared, (cmd.done, None, None))
                 return
             q, blobs, fut = cmd
             try:
                 result = _exchange(self, conn, q, blobs)
             except BaseException as e:
-                _post(shared, _settle, fut, None, e)
+                _deliver(shared, (fut, None, e))
             else:
-                _post(shared, _settle, fut, result, None)
+                _deliver(shared, (fut, result, None))
 
 
 class _QueryJob(_Job):
@@ -356,31 +411,44 @@ class _QueryJob(_Job):
 
     def __init__(self, future: asyncio.Future[Any], q: Any, blobs: Any, idempotent: bool | None,
                  timeout: float | None, retry: RetryPolicy | None) -> None:
-        super().__init__(future)
+        # _Job's fields, set here: no super() call per query.
+        self.lock = None
+        self.aborted = False
+        self.conn = None
+        self.shot = False
+        self.future = future
+        self.wait = 0.0
+        self.deadline = 0.0
         self.q = q
         self.blobs = blobs
         self.idempotent = idempotent
         self.timeout = timeout
         self.retry = retry
 
-    def run(self, shared: _Shared) -> None:
-        abort, q, blobs = self, self.q, self.blobs
-        if abort.aborted:
+    def __call__(self, conn: Any) -> Any:
+        # The body of each attempt (no closure per query).
+        return _exchange(self, conn, self.q, self.blobs)
+
+    def run(self, shared: _Shared, hold: _Hold) -> None:
+        if self.aborted:
             return
-
-        def body(conn: Any) -> Any:
-            return _exchange(abort, conn, q, blobs)
-
+        pool = shared.pool
         try:
             # ConnectionPool.query's own path (attempt leases, deadlines,
-            # error classification), with this module's exchange as the body.
-            pool = shared.pool
-            result = pool._run_policy(pool.retry if self.retry is None else self.retry,
-                                      body, q, blobs, self.timeout, self.idempotent, None)
+            # error classification), with this module's exchange as the body;
+            # its first attempt on the held lease, if any, which it keeps in
+            # ``hold`` if the attempt succeeds (see "Workers").
+            result = pool._run_policy(
+                pool.retry if self.retry is None else self.retry, self, self.q, self.blobs,
+                self.timeout, self.idempotent, None, hold if hold.ready(pool) else None)
         except BaseException as e:
-            _post(shared, _settle, self.future, None, e)
-        else:
-            _post(shared, _settle, self.future, result, None)
+            _deliver(shared, (self.future, None, e))
+            return
+        if not shared.jobs:
+            # No job queued: the connector goes back before the task learns
+            # that its query is done (as pool.query leaves it), not after.
+            hold.let_go()
+        _deliver(shared, (self.future, result, None))
 
 
 class _Shared:
@@ -395,24 +463,30 @@ class _Shared:
         self.wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.idle: deque[int] = deque()  # one entry per worker blocked on ``wake``
         self.aborts: queue.SimpleQueue[_Abort | None] = queue.SimpleQueue()
-        # Results posted by workers, run on the loop by drain(); ``posted``:
-        # a drain is scheduled (see _post).
-        self.results: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        # Results posted by workers (_deliver), run on the loop by drain();
+        # ``posted``: a drain is scheduled.
+        self.results: deque[tuple[Any, Any, Any]] = deque()
         self.posted = False
         self.workers = 0
         self.stopping = False
 
     def drain(self) -> None:
-        # On the loop's thread.  Cleared first: see _post.
+        # On the loop's thread.  Cleared first: see _deliver.
         self.posted = False
         results = self.results
         while True:
             try:
-                fn, args = results.popleft()
+                fut, x, y = results.popleft()
             except IndexError:
                 return
             try:
-                fn(*args)
+                if fut is None:
+                    x(*y)
+                elif not fut.done():  # (done: cancelled, the task has gone)
+                    if y is None:
+                        fut.set_result(x)
+                    else:
+                        fut.set_exception(y)
             except Exception as e:  # pragma: no cover - the callbacks only settle futures
                 assert self.loop is not None
                 self.loop.call_exception_handler({"message": "aperturedb_pool.aio: a result "
@@ -429,22 +503,30 @@ class _Shared:
 def _worker_loop(shared: _Shared, me: int) -> None:
     jobs, wake, idle = shared.jobs, shared.wake, shared.idle
     take = wake.get
+    hold = _Hold()
     while True:
         try:
             # A token already there (jobs are queued): no need to be counted
-            # idle (``idle`` feeds max_waiting) for an instant.
+            # idle (``idle`` feeds max_waiting) for an instant, and the held
+            # lease, if any, serves the next job.
             take(False)
         except queue.Empty:
+            # Nothing queued: the held connector goes back to sync_pool
+            # before this thread blocks (idle there: pinged, shrunk, leased
+            # by threads, closed by close()).
+            hold.let_go()
             idle.append(me)
             take()
             idle.remove(me)
         try:
             job = jobs.popleft()
         except IndexError:  # a withdrawn job's token, or the stop signal
+            hold.let_go()
             if shared.stopping:
                 return
             continue
-        job.run(shared)
+        job.lock = hold.lock
+        job.run(shared, hold)
 
 
 def _start_threads(shared: _Shared, count: int, name: str) -> None:

@@ -49,7 +49,7 @@ async def one_round(tasks: int, duration: float) -> float:
 
         def put(self, _token: Any) -> None:
             job = shared.jobs.popleft()
-            aio._post(shared, aio._settle, job.future, None, None)
+            aio._deliver(shared, (job.future, None, None))
 
     shared.wake = AnswerAtOnce()  # type: ignore[assignment]
     stop = False
