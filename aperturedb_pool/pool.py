@@ -662,7 +662,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         else:
             # Held: ``hold.lease`` stays set until the lease ends (below),
             # so whoever holds ``hold`` can always give it back.
-            conn = lease.conn
+            conn = lease._slot.conn  # type: ignore[union-attr]
         slot = lease._slot
         phase = slot.phase if slot is not None and slot.tracked else None
         # The policy's deadline (and the per-call timeout) bound the exchange

@@ -470,3 +470,152 @@ def test_a_dropped_acquired_lease_is_discarded_with_a_warning(adb_server: Any, r
             assert sum(pool.stats().discarded.values()) == 1
 
     run(main)
+
+
+# -- a worker keeps its connector while query jobs are queued ------------------
+
+def _count_checkouts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts ``Lease.__enter__`` (a sync-pool checkout) on every thread."""
+    from aperturedb_pool._lease import Lease
+
+    calls = [0]
+    enter = Lease.__enter__
+
+    def counting(self: Any) -> Any:
+        calls[0] += 1
+        return enter(self)
+
+    monkeypatch.setattr(Lease, "__enter__", counting)
+    return calls
+
+
+def _burst(pool: AsyncConnectionPool, keys: list[int]) -> Any:
+    return asyncio.gather(*[pool.query(tag(k)) for k in keys], return_exceptions=True)
+
+
+def test_a_worker_keeps_its_connector_while_queries_are_queued(
+        adb_server: Any, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    load_tags(adb_server, 4)
+    checkouts = _count_checkouts(monkeypatch)
+
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1) as pool:
+            await pool.wait_ready(JOIN)
+            adb_server.set_latency(0.002)  # the other 39 queue behind the first
+            before = (checkouts[0], pool.stats().leases_granted)
+            got = await _burst(pool, [k % 4 for k in range(40)])
+            assert [answer(r) for r, _ in got] == [k % 4 for k in range(40)]
+            # One checkout served the queued queries (a few more if the queue
+            # ran dry for a moment), each still counted as a lease granted;
+            # and the connector was back before the last answer was delivered.
+            assert checkouts[0] - before[0] <= 5, checkouts[0] - before[0]
+            s = pool.stats()
+            assert s.leases_granted - before[1] == 40
+            assert (s.leased, s.idle, s.size, dict(s.discarded)) == (0, 1, 1, {})
+
+    run(main)
+    assert adb_server.counters()["sharing_violations"] == 0
+
+
+@pytest.mark.parametrize("why", ["expired", "retired"])
+def test_a_held_connector_is_still_retired_between_queued_queries(
+        adb_server: Any, run: Any, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    # The worker holds the connector while queries queue behind a slow one;
+    # the connector comes due (max_lifetime passes, or retire_all()): the next
+    # queued query runs on a new connector, the old one is closed.
+    from aperturedb_pool import aio
+
+    load_tags(adb_server, 2)
+    clock = _support.ShiftedClock()
+    _support.set_pool_clock(monkeypatch, clock)
+    monkeypatch.setattr(aio, "_monotonic", clock)
+
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1,
+                                       max_lifetime=600.0, timeout=JOIN) as pool:
+            await pool.wait_ready(JOIN)
+            adb_server.reset_counters()
+            adb_server.set_latency(0.3)
+            burst = asyncio.ensure_future(_burst(pool, [0, 1, 0, 1]))
+            await asyncio.to_thread(wait_until, lambda: adb_server.counters()["pending"] == 1,
+                                    "the first query at the server")
+            if why == "expired":
+                clock.advance(700.0)
+            else:
+                assert pool.sync_pool.retire_all() == 1
+            adb_server.set_latency(0.0)
+            got = await burst
+            assert [answer(r) for r, _ in got] == [0, 1, 0, 1]
+            s = pool.stats()
+            assert dict(s.discarded) == {why: 1}, dict(s.discarded)
+            assert (s.leased, s.size, s.connectors_opened) == (0, 1, 2)
+            assert adb_server.counters()["accepted"] == 1  # one new connection
+
+    run(main)
+    assert adb_server.counters()["sharing_violations"] == 0
+
+
+def test_a_cancelled_query_on_a_held_connector_discards_it(adb_server: Any, run: Any) -> None:
+    load_tags(adb_server, 2)
+
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1,
+                                       timeout=JOIN) as pool:
+            await pool.wait_ready(JOIN)
+            adb_server.reset_counters()
+            adb_server.set_latency(0.2)
+            first = asyncio.ensure_future(pool.query(tag(0)))
+            second = asyncio.ensure_future(pool.query(tag(1)))  # queued: runs on the hold
+            assert answer((await first)[0]) == 0
+            await asyncio.to_thread(
+                wait_until, lambda: adb_server.counters()["requests_by_command"]
+                .get("FindEntity", 0) == 1 and adb_server.counters()["pending"] == 1,
+                "the second query at the server")
+            adb_server.set_latency(30.0)  # (not applied to a request already there)
+            second.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            adb_server.set_latency(0.0)
+            await asyncio.to_thread(
+                wait_until, lambda: (pool.stats().discarded.get("interrupted") == 1 and
+                                     pool.stats().size == 1), "the connector replaced")
+            for k in (1, 0):
+                assert answer((await pool.query(tag(k)))[0]) == k
+            s = pool.stats()
+            assert (s.leased, s.idle, s.generation) == (0, 1, 0)
+
+    run(main)
+    assert adb_server.counters()["sharing_violations"] == 0
+
+
+def test_a_thread_waiting_in_the_sync_pool_is_served_while_tasks_keep_querying(
+        adb_server: Any, run: Any) -> None:
+    # Tasks keep the queue non-empty the whole time: a worker that kept its
+    # connector for as long as jobs are queued would starve the thread.
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1,
+                                       timeout=JOIN) as pool:
+            await pool.wait_ready(JOIN)
+            stop = False
+
+            async def loop_queries() -> int:
+                n = 0
+                while not stop:
+                    await pool.query([{"GetStatus": {}}])
+                    n += 1
+                return n
+
+            tasks = [asyncio.ensure_future(loop_queries()) for _ in range(8)]
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            r = await asyncio.to_thread(pool.sync_pool.query, [{"GetStatus": {}}],
+                                        retry=RetryPolicy(max_attempts=1, deadline=5.0))
+            assert r[0][0]["GetStatus"]["status"] == 0
+            waited = time.monotonic() - started
+            stop = True
+            counts = await asyncio.gather(*tasks)
+            assert min(counts) > 0 and waited < 5.0
+            s = pool.stats()
+            assert (s.leased, s.idle, dict(s.discarded), s.timeouts) == (0, 1, {}, 0)
+
+    run(main)
