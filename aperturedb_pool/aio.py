@@ -22,12 +22,45 @@ checks, keepalive, retirement, the retry policy.  On top of it:
   connector from ``sync_pool`` (``acquire()``, on the worker), hands the task
   an ``AsyncConnector`` and then runs that task's queries on that connector, in
   order, until the task ends the lease; a query job runs ``sync_pool``'s retry
-  policy (each attempt leases a connector, exactly as ``ConnectionPool.query``),
-  with the exchange itself done by this module's code (below).  One thread
-  acquires and uses each connector, so the sync pool's per-thread rules hold
-  unchanged (``check_ownership``).  Plus one *aborter* thread per pool
-  (cancellation, below).  ``open()``, ``wait_ready()`` and ``close()`` run on
+  policy (``ConnectionPool._run_policy``: the same attempts, deadlines and
+  error classification as ``ConnectionPool.query``), with the exchange itself
+  done by this module's code (below).  One thread acquires and uses each
+  connector, so the sync pool's per-thread rules hold unchanged
+  (``check_ownership``).  Plus one *aborter* thread per pool (cancellation,
+  below).  ``open()``, ``wait_ready()`` and ``close()`` run on
   ``asyncio.to_thread`` (they start and join threads).
+* **A worker keeps its connector while query jobs are queued.**  The first
+  attempt of a query job runs on the sync ``Lease`` the worker holds
+  (``_Hold``), and a successful one leaves it held (``_run_policy(hold=)``)
+  rather than returning it and leasing again for the next job: a lease and a
+  return per query (the lock-free fast paths, but still a few microseconds of
+  the one core the GIL gives all threads) become one per burst.  The worker
+  returns it, through the ordinary return (``Lease.__exit__``, whose rules
+  then decide: kept idle, handed to a waiter, or dropped):
+
+  - when no job is queued, before it delivers the answer of its last job (so
+    a task that sees its query done finds the connector back, as after
+    ``ConnectionPool.query``) and in any case before it blocks for work: an
+    idle worker holds nothing, so idle connectors are in ``sync_pool``'s idle
+    list as before: pinged (``keepalive_interval``), shrunk (``max_idle``),
+    probed at checkout, closed by ``close()``;
+  - before a job runs, when the held connector may not serve it
+    (``_Hold.ready``): past its ``max_lifetime``, its generation retired
+    (``retire_all()``, the server went away), ``sync_pool`` closed (its
+    ``_fast`` flag, cleared by ``close()``), a thread or worker waiting for a
+    connector of ``sync_pool`` (the return hands it over under the sync
+    pool's fairness rules: a stream of queued tasks never starves it), or
+    per-lease extras on (leak tracking, ownership checks, metrics: they time
+    leases, so nothing is held across jobs then);
+  - when the attempt fails: the attempt's lease ends as any attempt's does
+    (a connector whose query was interrupted or cancelled is discarded;
+    retries lease their own connectors);
+  - before a lease job: a lease is always acquired for it.
+
+  Each query still counts as a lease granted in ``stats()``.  The held
+  connector is used back to back, so the checkout probe (for connectors idle
+  longer than ``probe_after``) has nothing to catch; the connector's own
+  pre-send probe still applies (``connectors``).
 * **Ending a lease.** An error, a discard, a cancelled query or a closed pool:
   the worker ends the lease (a release with an error probes the socket).  A
   clean end with no query under way is done on the loop's thread itself:
@@ -63,12 +96,21 @@ counters, the sweep timer) and each ``AsyncLease``'s are touched only on the
 loop's thread, and need none.  The deques ``jobs``, ``idle`` and ``results``
 are shared, used only through atomic single operations (``append``,
 ``popleft``, ``remove``, ``copy``, ``len``); ``_Shared.posted`` is a hint
-whose races cost one extra wake-up, never a lost result (see ``_post``).
-Each request's ``_Abort`` (its job is one: one object per request) has a
-``threading.Lock`` that guards its ``conn`` and ``shot`` fields; it is taken
-only by the worker running the request and by the aborter thread, never by
-the loop's thread, and held for a few attribute stores (and, by the aborter,
-one ``shutdown()`` call).  ``sync_pool``'s locking is its own (see
+whose races cost one extra wake-up, never a lost result (see ``_deliver``).
+A worker's ``_Hold`` (the lease it holds) is touched by that worker only:
+the held ``Lease`` is the sync pool's, used as a leaseholder uses it (its
+slot's ``in_flight``, ``phase`` and ``uses`` are the holder's, see
+``aperturedb_pool._lease``), and the fields ``_Hold.ready`` reads without the
+sync pool's lock (``_fast``, ``_generation``, ``_waiters``, ``_metrics``) are
+the hints the sync pool's own fast paths read so: a stale value keeps the
+connector one job longer or returns it one job early, and the return itself
+re-checks under the sync pool's rules.  Each request's ``_Abort`` (its job is
+one: one object per request) has its ``conn`` and ``shot`` fields guarded by
+``_Abort.lock``: the ``threading.Lock`` of the worker that took the request
+(one per worker, ``_Hold.lock``, set on the job before the worker runs it),
+taken only by that worker and by the aborter thread, never by the loop's
+thread, and held for a few attribute stores (and, by the aborter, one
+``shutdown()`` call).  ``sync_pool``'s locking is its own (see
 ``aperturedb_pool.pool``).
 
 Cancellation
@@ -86,7 +128,9 @@ for them too.
 * **With a query in flight** (``conn.query`` or ``pool.query``): the task sees
   ``CancelledError`` at once (nothing is awaited after the cancellation).  It
   marks the request aborted (``_Abort.aborted``) and hands it to the aborter
-  thread, which, under the request's lock, shuts down the socket of the
+  thread, which, under the request's lock (none yet: no worker took it, and
+  the worker that does reads ``aborted`` before sending), shuts down the
+  socket of the
   connector the worker is exchanging on (if it is), and records that it did
   (``shot``).  The worker publishes that connector under the same lock before
   it sends, after checking ``aborted`` (so an exchange the loop cancelled first
