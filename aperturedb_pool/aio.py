@@ -105,13 +105,14 @@ sync pool's lock (``_fast``, ``_generation``, ``_waiters``, ``_metrics``) are
 the hints the sync pool's own fast paths read so: a stale value keeps the
 connector one job longer or returns it one job early, and the return itself
 re-checks under the sync pool's rules.  Each request's ``_Abort`` (its job is
-one: one object per request) has its ``conn`` and ``shot`` fields guarded by
-``_Abort.lock``: the ``threading.Lock`` of the worker that took the request
-(one per worker, ``_Hold.lock``, set on the job before the worker runs it),
-taken only by that worker and by the aborter thread, never by the loop's
-thread, and held for a few attribute stores (and, by the aborter, one
-``shutdown()`` call).  ``sync_pool``'s locking is its own (see
-``aperturedb_pool.pool``).
+one: one object per request) needs no lock either: ``aborted`` is written
+once, by the loop's thread, and the connector of an exchange in flight sits
+in a one-item list (``_Abort.cell``, a new one per exchange) from which the
+worker and the aborter thread each try to take it with ``list.pop()``, a
+single C call, atomic under the GIL: exactly one gets it (see
+"Cancellation").  ``sync_pool``'s locking is its own (see
+``aperturedb_pool.pool``).  Free-threaded builds are not claimed (as for
+``sync_pool``: see ``aperturedb_pool._lease``).
 
 Cancellation
 ------------
@@ -128,15 +129,17 @@ for them too.
 * **With a query in flight** (``conn.query`` or ``pool.query``): the task sees
   ``CancelledError`` at once (nothing is awaited after the cancellation).  It
   marks the request aborted (``_Abort.aborted``) and hands it to the aborter
-  thread, which, under the request's lock (none yet: no worker took it, and
-  the worker that does reads ``aborted`` before sending), shuts down the
-  socket of the
-  connector the worker is exchanging on (if it is), and records that it did
-  (``shot``).  The worker publishes that connector under the same lock before
-  it sends, after checking ``aborted`` (so an exchange the loop cancelled first
-  is never sent), and clears it under the lock when the exchange ends, reading
-  ``shot``: a shut-down connector is never returned as healthy.  The blocked
-  read ends at once (EOF), the worker reports to a future nobody awaits, and:
+  thread.  The worker publishes the connector of each exchange (``cell``)
+  before it reads ``aborted`` and sends: either it sees ``aborted`` and sends
+  nothing, or the aborter, which reads ``cell`` after ``aborted`` was set,
+  finds the connector there.  The aborter takes it out of ``cell`` (``pop``)
+  and shuts its socket down.  When the exchange ends the worker takes it
+  out in turn: if the aborter got it first, the worker shuts the socket
+  down too (so it is shut before the connector goes back, whatever the
+  aborter's timing) and fails the exchange: a shut-down connector is never
+  returned as healthy; if the worker got it, the aborter never touches it,
+  so a connector back in the pool is never shut down by a late abort.  The
+  blocked read ends at once (EOF), the worker reports to a future nobody awaits, and:
   a lease whose query was cancelled refuses further queries
   (``ConnectorUnusable``) and discards its connector when it ends, so the
   connector, owed an answer or shut down, is closed and the pool replaces it;
@@ -146,7 +149,7 @@ for them too.
   connectors (the failure is ours, not the server's).
 * **Not abortable at once:** a connector not connected yet (the SDK connects
   inside its first query) has no socket to shut down: that exchange runs to its
-  end on its worker.  A retry policy's backoff sleep also runs to its end (up
+  end on its worker, which then shuts it down (the connector is discarded).  A retry policy's backoff sleep also runs to its end (up
   to ``RetryPolicy.max_delay``), then the next attempt is not made.  In both
   cases the task has already gone; a worker is busy a little longer.
 
@@ -191,7 +194,6 @@ from aperturedb_pool.stats import PoolStats
 __all__ = ["AsyncConnectionPool", "AsyncLease", "AsyncConnector", "WrongEventLoop"]
 
 _monotonic = time.monotonic
-_new_lock = threading.Lock
 _Future = asyncio.Future
 _running_loop = asyncio.get_running_loop
 #: A worker serving a lease checks this often whether its loop was closed
@@ -212,42 +214,64 @@ class _Abort:
     """Cancellation of one request's exchanges (see "Cancellation").
 
     ``aborted`` is written once, by the loop's thread, and read by the worker.
-    ``conn`` and ``shot`` are guarded by ``lock``, the lock of the worker that
-    took the request (None until one did), taken by that worker and by the
-    aborter thread only."""
+    ``cell`` is None or a one-item list holding the connector the worker is
+    exchanging on (a new list per exchange), published by the worker; the
+    worker (when the exchange ends) and the aborter thread (to shut it down)
+    each try to take the connector out with ``list.pop()``, one atomic C call
+    under the GIL: exactly one of them gets it, and that one decides."""
 
-    __slots__ = ("lock", "aborted", "conn", "shot")
+    __slots__ = ("aborted", "cell")
 
     def __init__(self) -> None:
-        self.lock: threading.Lock | None = None
         self.aborted = False
-        self.conn: Any = None  # the connector the worker is exchanging on
-        self.shot = False  # the aborter shut its socket down
+        self.cell: list[Any] | None = None
+
+
+def _shut(conn: Any) -> None:
+    """Shut ``conn``'s socket down (if it has one): its pending read ends with
+    EOF, and its probe fails, so the pool discards it when it comes back."""
+    sock = socket_of(conn)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _take_back(cell: list[Any], conn: Any) -> bool:
+    """On the worker, as the exchange ends: take ``conn`` back from ``cell``.
+    True: taken, and the aborter can no longer touch it.  False: the aborter
+    took it first and shuts its socket down (or is about to); it is shut down
+    here too, before the connector goes back, so the return's probe discards
+    it whatever the aborter's timing."""
+    try:
+        cell.pop()
+    except IndexError:
+        _shut(conn)
+        return False
+    return True
 
 
 def _exchange(abort: _Abort, conn: Any, q: Any, blobs: Any) -> Any:
-    """On a worker: ``conn.query(q, blobs)`` unless its task gave up first."""
-    lock = abort.lock
-    assert lock is not None  # set by the worker that took the request
-    with lock:
-        if abort.aborted:
-            raise _Abandoned("the task was cancelled before its query was sent")
-        abort.conn = conn
+    """On a worker: ``conn.query(q, blobs)`` unless its task gave up first.
+
+    Published first, ``aborted`` read second; the loop sets ``aborted`` before
+    it hands the request to the aborter, which reads ``cell`` after: either
+    this thread sees ``aborted`` (and sends nothing), or the aborter finds the
+    connector in ``cell``."""
+    abort.cell = cell = [conn]
+    if abort.aborted:
+        _take_back(cell, conn)
+        raise _Abandoned("the task was cancelled before its query was sent")
     try:
         result = conn.query(q, blobs)
     except BaseException as e:
-        with lock:
-            abort.conn = None
-            shot = abort.shot
-        if shot:
+        if not _take_back(cell, conn):
             raise _Abandoned("the task was cancelled during its query; the connection "
                              "was shut down") from e
         raise
-    with lock:
-        abort.conn = None
-        shot = abort.shot
-    if shot:
-        # Answered, but shut down after the answer was read: unusable now.
+    if not _take_back(cell, conn):
+        # Answered, but taken by the aborter: shut down, unusable now.
         raise _Abandoned("the task was cancelled as its answer arrived; the connection "
                          "was shut down")
     return result
@@ -258,22 +282,19 @@ def _aborter_loop(requests: queue.SimpleQueue[_Abort | None]) -> None:
         abort = requests.get()
         if abort is None:
             return
-        lock = abort.lock
-        if lock is None:
-            # No worker took the request yet.  ``aborted`` was set before it
-            # was queued here, so a worker that takes it reads it (under its
-            # lock, before sending) and sends nothing.
+        cell = abort.cell
+        if cell is None:
+            # No exchange published yet: the worker reads ``aborted`` (set
+            # before the request was queued here) after publishing, and
+            # sends nothing.
             continue
-        with lock:
-            sock = socket_of(abort.conn) if abort.conn is not None else None
-            if sock is not None and not abort.shot:
-                abort.shot = True
-                try:
-                    # Ends the worker's blocked read now; the connector is
-                    # then discarded (never reused: see _exchange).
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        try:
+            conn = cell.pop()
+        except IndexError:  # that exchange ended; a later one sees ``aborted``
+            continue
+        # Ends the worker's blocked read now; the connector is then
+        # discarded (never reused: see _take_back).
+        _shut(conn)
 
 
 # -- results, posted by workers and run on the loop's thread ------------------
@@ -333,17 +354,14 @@ class _End:
 
 
 class _Hold:
-    """One worker thread's own state, touched by that thread only (but ``lock``).
+    """One worker thread's own state, touched by that thread only: ``lease``,
+    the ``sync_pool`` Lease the worker holds between query jobs (see
+    "Workers" in the module doc), or None."""
 
-    ``lease``: the ``sync_pool`` Lease the worker holds between query jobs
-    (see "Workers" in the module doc), or None.  ``lock``: the lock of the
-    jobs this worker takes (``_Abort.lock``), one for all of them."""
-
-    __slots__ = ("lease", "lock")
+    __slots__ = ("lease",)
 
     def __init__(self) -> None:
         self.lease: Lease | None = None
-        self.lock = threading.Lock()
 
     def ready(self, pool: ConnectionPool) -> bool:
         """Whether the next query job may run on a held lease (this one, or
@@ -381,10 +399,8 @@ class _Job(_Abort):
 
     def __init__(self, future: asyncio.Future[Any]) -> None:
         # _Abort's fields, set here: one call less per request.
-        self.lock = None
         self.aborted = False
-        self.conn = None
-        self.shot = False
+        self.cell = None
         self.future = future
         self.wait = 0.0  # seconds it may wait for a connector (set by _submit)
         self.deadline = 0.0  # time.monotonic() when that wait ends
@@ -456,10 +472,8 @@ class _QueryJob(_Job):
     def __init__(self, future: asyncio.Future[Any], q: Any, blobs: Any, idempotent: bool | None,
                  timeout: float | None, retry: RetryPolicy | None) -> None:
         # _Job's fields, set here: no super() call per query.
-        self.lock = None
         self.aborted = False
-        self.conn = None
-        self.shot = False
+        self.cell = None
         self.future = future
         self.wait = 0.0
         self.deadline = 0.0
@@ -569,7 +583,6 @@ def _worker_loop(shared: _Shared, me: int) -> None:
             if shared.stopping:
                 return
             continue
-        job.lock = hold.lock
         job.run(shared, hold)
 
 
