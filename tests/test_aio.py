@@ -619,3 +619,74 @@ def test_a_thread_waiting_in_the_sync_pool_is_served_while_tasks_keep_querying(
             assert (s.leased, s.idle, dict(s.discarded), s.timeouts) == (0, 1, {}, 0)
 
     run(main)
+
+
+# -- the cancellation hand-off of one exchange (pure logic, stand-ins) ----------
+
+class _Sock:
+    def __init__(self) -> None:
+        self.shut = 0
+
+    def shutdown(self, how: int) -> None:
+        self.shut += 1
+
+
+class _Conn:
+    """A stand-in whose query runs ``during`` (the aborter, at that moment)."""
+
+    def __init__(self, during: Callable[[], None] | None = None) -> None:
+        self.conn = _Sock()
+        self.during = during
+        self.sent = 0
+
+    def query(self, q: Any, blobs: Any) -> Any:
+        self.sent += 1
+        if self.during is not None:
+            self.during()
+        return "answer"
+
+
+def _abort_now(abort: Any) -> None:
+    """What the loop and the aborter thread do for a cancelled request."""
+    import queue
+
+    from aperturedb_pool import aio
+
+    abort.aborted = True
+    requests: Any = queue.SimpleQueue()
+    requests.put(abort)
+    requests.put(None)
+    aio._aborter_loop(requests)
+
+
+def test_an_exchange_and_its_abort_decide_exactly_once() -> None:
+    from aperturedb_pool import aio
+
+    # Aborted before the worker published: nothing sent, nothing shut down.
+    abort = aio._Abort()
+    _abort_now(abort)
+    conn = _Conn()
+    with pytest.raises(aio._Abandoned, match="before its query was sent"):
+        aio._exchange(abort, conn, "q", [])
+    assert (conn.sent, conn.conn.shut) == (0, 0)
+
+    # Aborted during the exchange: the aborter shuts the socket down, and the
+    # worker, finding the connector taken, shuts it down too and fails.
+    abort = aio._Abort()
+    conn = _Conn(lambda: _abort_now(abort))
+    with pytest.raises(aio._Abandoned, match="as its answer arrived"):
+        aio._exchange(abort, conn, "q", [])
+    assert (conn.sent, conn.conn.shut) == (1, 2)
+
+    # Aborted after the exchange ended: the worker took the connector back,
+    # so a late abort never shuts down a connector that went back to the pool.
+    abort = aio._Abort()
+    conn = _Conn()
+    assert aio._exchange(abort, conn, "q", []) == "answer"
+    _abort_now(abort)
+    assert (conn.sent, conn.conn.shut) == (1, 0)
+    # ... and the next exchange of the same request (a lease's next query, a
+    # retry) sees the abort and sends nothing.
+    with pytest.raises(aio._Abandoned, match="before its query was sent"):
+        aio._exchange(abort, conn, "q", [])
+    assert (conn.sent, conn.conn.shut) == (1, 0)
