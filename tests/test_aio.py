@@ -690,3 +690,42 @@ def test_an_exchange_and_its_abort_decide_exactly_once() -> None:
     with pytest.raises(aio._Abandoned, match="before its query was sent"):
         aio._exchange(abort, conn, "q", [])
     assert (conn.sent, conn.conn.shut) == (1, 0)
+
+
+def test_closing_while_workers_hold_connectors_leaks_nothing(adb_server: Any, run: Any) -> None:
+    # Workers hold their connectors while queries are queued; close() comes
+    # in the middle of the stream: every task ends (an answer or PoolClosed),
+    # every connector is closed, the sync pool's books balance.
+    load_tags(adb_server, 4)
+
+    async def main() -> None:
+        pool = AsyncConnectionPool(adb_server.connector(), min_size=4, max_size=4,
+                                   timeout=JOIN)
+        await pool.open(wait=True, timeout=JOIN)
+        adb_server.set_latency(0.001)
+        wrong: list[int] = []
+
+        async def stream(i: int) -> None:
+            while True:
+                response, _ = await pool.query(tag(i % 4))
+                if answer(response) != i % 4:
+                    wrong.append(i)
+
+        tasks = [asyncio.ensure_future(stream(i)) for i in range(32)]
+        await asyncio.to_thread(
+            wait_until, lambda: pool.sync_pool.stats().leases_granted > 200, "queries flowing")
+        await pool.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, PoolClosed) for r in results), results
+        assert wrong == []
+        adb_server.set_latency(0.0)
+        s = await asyncio.to_thread(
+            wait_until, lambda: (lambda s: s if s.size == 0 else None)(pool.sync_pool.stats()),
+            "every connector closed")
+        assert (s.leased, s.idle, s.waiting) == (0, 0, 0)
+        assert s.connectors_closed == s.connectors_opened == 4
+        assert set(s.discarded) <= {"closed"}
+
+    run(main)
+    wait_until(lambda: adb_server.counters()["open"] == 0, "the server's connections closed")
+    assert adb_server.counters()["sharing_violations"] == 0
