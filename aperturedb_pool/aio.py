@@ -139,7 +139,8 @@ for them too.
   aborter's timing) and fails the exchange: a shut-down connector is never
   returned as healthy; if the worker got it, the aborter never touches it,
   so a connector back in the pool is never shut down by a late abort.  The
-  blocked read ends at once (EOF), the worker reports to a future nobody awaits, and:
+  blocked read ends at once (EOF), the worker reports to a future nobody
+  awaits, and:
   a lease whose query was cancelled refuses further queries
   (``ConnectorUnusable``) and discards its connector when it ends, so the
   connector, owed an answer or shut down, is closed and the pool replaces it;
@@ -149,7 +150,8 @@ for them too.
   connectors (the failure is ours, not the server's).
 * **Not abortable at once:** a connector not connected yet (the SDK connects
   inside its first query) has no socket to shut down: that exchange runs to its
-  end on its worker, which then shuts it down (the connector is discarded).  A retry policy's backoff sleep also runs to its end (up
+  end on its worker, which then shuts it down (the connector is discarded).
+  A retry policy's backoff sleep also runs to its end (up
   to ``RetryPolicy.max_delay``), then the next attempt is not made.  In both
   cases the task has already gone; a worker is busy a little longer.
 
