@@ -517,6 +517,27 @@ def test_a_worker_keeps_its_connector_while_queries_are_queued(
     assert adb_server.counters()["sharing_violations"] == 0
 
 
+def test_a_connector_held_for_a_burst_is_pinged_once_idle(adb_server: Any, run: Any) -> None:
+    # After the burst the worker has nothing queued: the connector is back in
+    # the sync pool, idle, where the keepalive pings it.
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1,
+                                       keepalive_interval=0.3) as pool:
+            await pool.wait_ready(JOIN)
+            adb_server.set_latency(0.002)
+            got = await _burst(pool, [0] * 30)
+            assert not [r for r in got if isinstance(r, BaseException)]
+            adb_server.set_latency(0.0)
+            pings = pool.stats().keepalive_pings
+            await asyncio.to_thread(
+                wait_until, lambda: pool.stats().keepalive_pings > pings, "a keepalive ping")
+            s = pool.stats()
+            assert (s.leased, s.idle, dict(s.discarded)) == (0, 1, {})
+
+    load_tags(adb_server, 1)
+    run(main)
+
+
 @pytest.mark.parametrize("why", ["expired", "retired"])
 def test_a_held_connector_is_still_retired_between_queued_queries(
         adb_server: Any, run: Any, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
@@ -535,7 +556,7 @@ def test_a_held_connector_is_still_retired_between_queued_queries(
                                        max_lifetime=600.0, timeout=JOIN) as pool:
             await pool.wait_ready(JOIN)
             adb_server.reset_counters()
-            adb_server.set_latency(0.3)
+            adb_server.set_latency(0.2)
             burst = asyncio.ensure_future(_burst(pool, [0, 1, 0, 1]))
             await asyncio.to_thread(wait_until, lambda: adb_server.counters()["pending"] == 1,
                                     "the first query at the server")
@@ -543,6 +564,12 @@ def test_a_held_connector_is_still_retired_between_queued_queries(
                 clock.advance(700.0)
             else:
                 assert pool.sync_pool.retire_all() == 1
+            # Dropped as the second query starts, not after the burst: at most
+            # that second query reached the server by then (on the new one).
+            await asyncio.to_thread(wait_until, lambda: pool.stats().discarded.get(why) == 1,
+                                    "the held connector dropped")
+            assert adb_server.counters()["requests_by_command"]["FindEntity"] <= 2
+            assert not burst.done()
             adb_server.set_latency(0.0)
             got = await burst
             assert [answer(r) for r, _ in got] == [0, 1, 0, 1]
@@ -588,33 +615,28 @@ def test_a_cancelled_query_on_a_held_connector_discards_it(adb_server: Any, run:
     assert adb_server.counters()["sharing_violations"] == 0
 
 
-def test_a_thread_waiting_in_the_sync_pool_is_served_while_tasks_keep_querying(
+def test_a_thread_waiting_in_the_sync_pool_is_served_while_queries_are_queued(
         adb_server: Any, run: Any) -> None:
-    # Tasks keep the queue non-empty the whole time: a worker that kept its
-    # connector for as long as jobs are queued would starve the thread.
+    # 100 queries queued behind each other keep the only worker busy for about
+    # 2 s: a worker that kept its connector for as long as jobs are queued
+    # would make the thread wait that long.  It must get the connector within
+    # about a job (and the fairness threshold), well inside 1 s.
     async def main() -> None:
         async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1,
                                        timeout=JOIN) as pool:
             await pool.wait_ready(JOIN)
-            stop = False
-
-            async def loop_queries() -> int:
-                n = 0
-                while not stop:
-                    await pool.query([{"GetStatus": {}}])
-                    n += 1
-                return n
-
-            tasks = [asyncio.ensure_future(loop_queries()) for _ in range(8)]
-            await asyncio.sleep(0.05)
-            started = time.monotonic()
+            adb_server.reset_counters()
+            adb_server.set_latency(0.02)
+            burst = asyncio.ensure_future(asyncio.gather(
+                *[pool.query([{"GetStatus": {}}]) for _ in range(100)]))
+            await asyncio.to_thread(wait_until, lambda: adb_server.counters()["pending"] == 1,
+                                    "the first query at the server")
             r = await asyncio.to_thread(pool.sync_pool.query, [{"GetStatus": {}}],
-                                        retry=RetryPolicy(max_attempts=1, deadline=5.0))
+                                        retry=RetryPolicy(max_attempts=1, deadline=1.0))
             assert r[0][0]["GetStatus"]["status"] == 0
-            waited = time.monotonic() - started
-            stop = True
-            counts = await asyncio.gather(*tasks)
-            assert min(counts) > 0 and waited < 5.0
+            assert not burst.done()  # served while the tasks' queries were still queued
+            adb_server.set_latency(0.0)
+            assert len(await burst) == 100
             s = pool.stats()
             assert (s.leased, s.idle, dict(s.discarded), s.timeouts) == (0, 1, {}, 0)
 
