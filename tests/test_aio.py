@@ -564,11 +564,11 @@ def test_a_held_connector_is_still_retired_between_queued_queries(
                 clock.advance(700.0)
             else:
                 assert pool.sync_pool.retire_all() == 1
-            # Dropped as the second query starts, not after the burst: at most
-            # that second query reached the server by then (on the new one).
+            # Dropped as the second query starts, not after the burst (each
+            # query takes 0.2 s at the server: the fourth is far off).
             await asyncio.to_thread(wait_until, lambda: pool.stats().discarded.get(why) == 1,
                                     "the held connector dropped")
-            assert adb_server.counters()["requests_by_command"]["FindEntity"] <= 2
+            assert adb_server.counters()["requests_by_command"]["FindEntity"] < 4
             assert not burst.done()
             adb_server.set_latency(0.0)
             got = await burst
