@@ -22,12 +22,45 @@ checks, keepalive, retirement, the retry policy.  On top of it:
   connector from ``sync_pool`` (``acquire()``, on the worker), hands the task
   an ``AsyncConnector`` and then runs that task's queries on that connector, in
   order, until the task ends the lease; a query job runs ``sync_pool``'s retry
-  policy (each attempt leases a connector, exactly as ``ConnectionPool.query``),
-  with the exchange itself done by this module's code (below).  One thread
-  acquires and uses each connector, so the sync pool's per-thread rules hold
-  unchanged (``check_ownership``).  Plus one *aborter* thread per pool
-  (cancellation, below).  ``open()``, ``wait_ready()`` and ``close()`` run on
+  policy (``ConnectionPool._run_policy``: the same attempts, deadlines and
+  error classification as ``ConnectionPool.query``), with the exchange itself
+  done by this module's code (below).  One thread acquires and uses each
+  connector, so the sync pool's per-thread rules hold unchanged
+  (``check_ownership``).  Plus one *aborter* thread per pool (cancellation,
+  below).  ``open()``, ``wait_ready()`` and ``close()`` run on
   ``asyncio.to_thread`` (they start and join threads).
+* **A worker keeps its connector while query jobs are queued.**  The first
+  attempt of a query job runs on the sync ``Lease`` the worker holds
+  (``_Hold``), and a successful one leaves it held (``_run_policy(hold=)``)
+  rather than returning it and leasing again for the next job: a lease and a
+  return per query (the lock-free fast paths, but still a few microseconds of
+  the one core the GIL gives all threads) become one per burst.  The worker
+  returns it, through the ordinary return (``Lease.__exit__``, whose rules
+  then decide: kept idle, handed to a waiter, or dropped):
+
+  - when no job is queued, before it delivers the answer of its last job (so
+    a task that sees its query done finds the connector back, as after
+    ``ConnectionPool.query``) and in any case before it blocks for work: an
+    idle worker holds nothing, so idle connectors are in ``sync_pool``'s idle
+    list as before: pinged (``keepalive_interval``), shrunk (``max_idle``),
+    probed at checkout, closed by ``close()``;
+  - before a job runs, when the held connector may not serve it
+    (``_Hold.ready``): past its ``max_lifetime``, its generation retired
+    (``retire_all()``, the server went away), ``sync_pool`` closed (its
+    ``_fast`` flag, cleared by ``close()``), a thread or worker waiting for a
+    connector of ``sync_pool`` (the return hands it over under the sync
+    pool's fairness rules: a stream of queued tasks never starves it), or
+    per-lease extras on (leak tracking, ownership checks, metrics: they time
+    leases, so nothing is held across jobs then);
+  - when the attempt fails: the attempt's lease ends as any attempt's does
+    (a connector whose query was interrupted or cancelled is discarded;
+    retries lease their own connectors);
+  - before a lease job: a lease is always acquired for it.
+
+  Each query still counts as a lease granted in ``stats()``.  The held
+  connector is used back to back, so the checkout probe (for connectors idle
+  longer than ``probe_after``) has nothing to catch; the connector's own
+  pre-send probe still applies (``connectors``).
 * **Ending a lease.** An error, a discard, a cancelled query or a closed pool:
   the worker ends the lease (a release with an error probes the socket).  A
   clean end with no query under way is done on the loop's thread itself:
@@ -63,13 +96,23 @@ counters, the sweep timer) and each ``AsyncLease``'s are touched only on the
 loop's thread, and need none.  The deques ``jobs``, ``idle`` and ``results``
 are shared, used only through atomic single operations (``append``,
 ``popleft``, ``remove``, ``copy``, ``len``); ``_Shared.posted`` is a hint
-whose races cost one extra wake-up, never a lost result (see ``_post``).
-Each request's ``_Abort`` (its job is one: one object per request) has a
-``threading.Lock`` that guards its ``conn`` and ``shot`` fields; it is taken
-only by the worker running the request and by the aborter thread, never by
-the loop's thread, and held for a few attribute stores (and, by the aborter,
-one ``shutdown()`` call).  ``sync_pool``'s locking is its own (see
-``aperturedb_pool.pool``).
+whose races cost one extra wake-up, never a lost result (see ``_deliver``).
+A worker's ``_Hold`` (the lease it holds) is touched by that worker only:
+the held ``Lease`` is the sync pool's, used as a leaseholder uses it (its
+slot's ``in_flight``, ``phase`` and ``uses`` are the holder's, see
+``aperturedb_pool._lease``), and the fields ``_Hold.ready`` reads without the
+sync pool's lock (``_fast``, ``_generation``, ``_waiters``, ``_metrics``) are
+the hints the sync pool's own fast paths read so: a stale value keeps the
+connector one job longer or returns it one job early, and the return itself
+re-checks under the sync pool's rules.  Each request's ``_Abort`` (its job is
+one: one object per request) needs no lock either: ``aborted`` is written
+once, by the loop's thread, and the connector of an exchange in flight sits
+in a one-item list (``_Abort.cell``, a new one per exchange) from which the
+worker and the aborter thread each try to take it with ``list.pop()``, a
+single C call, atomic under the GIL: exactly one gets it (see
+"Cancellation").  ``sync_pool``'s locking is its own (see
+``aperturedb_pool.pool``).  Free-threaded builds are not claimed (as for
+``sync_pool``: see ``aperturedb_pool._lease``).
 
 Cancellation
 ------------
@@ -86,13 +129,18 @@ for them too.
 * **With a query in flight** (``conn.query`` or ``pool.query``): the task sees
   ``CancelledError`` at once (nothing is awaited after the cancellation).  It
   marks the request aborted (``_Abort.aborted``) and hands it to the aborter
-  thread, which, under the request's lock, shuts down the socket of the
-  connector the worker is exchanging on (if it is), and records that it did
-  (``shot``).  The worker publishes that connector under the same lock before
-  it sends, after checking ``aborted`` (so an exchange the loop cancelled first
-  is never sent), and clears it under the lock when the exchange ends, reading
-  ``shot``: a shut-down connector is never returned as healthy.  The blocked
-  read ends at once (EOF), the worker reports to a future nobody awaits, and:
+  thread.  The worker publishes the connector of each exchange (``cell``)
+  before it reads ``aborted`` and sends: either it sees ``aborted`` and sends
+  nothing, or the aborter, which reads ``cell`` after ``aborted`` was set,
+  finds the connector there.  The aborter takes it out of ``cell`` (``pop``)
+  and shuts its socket down.  When the exchange ends the worker takes it
+  out in turn: if the aborter got it first, the worker shuts the socket
+  down too (so it is shut before the connector goes back, whatever the
+  aborter's timing) and fails the exchange: a shut-down connector is never
+  returned as healthy; if the worker got it, the aborter never touches it,
+  so a connector back in the pool is never shut down by a late abort.  The
+  blocked read ends at once (EOF), the worker reports to a future nobody
+  awaits, and:
   a lease whose query was cancelled refuses further queries
   (``ConnectorUnusable``) and discards its connector when it ends, so the
   connector, owed an answer or shut down, is closed and the pool replaces it;
@@ -102,7 +150,8 @@ for them too.
   connectors (the failure is ours, not the server's).
 * **Not abortable at once:** a connector not connected yet (the SDK connects
   inside its first query) has no socket to shut down: that exchange runs to its
-  end on its worker.  A retry policy's backoff sleep also runs to its end (up
+  end on its worker, which then shuts it down (the connector is discarded).
+  A retry policy's backoff sleep also runs to its end (up
   to ``RetryPolicy.max_delay``), then the next attempt is not made.  In both
   cases the task has already gone; a worker is busy a little longer.
 
@@ -147,7 +196,6 @@ from aperturedb_pool.stats import PoolStats
 __all__ = ["AsyncConnectionPool", "AsyncLease", "AsyncConnector", "WrongEventLoop"]
 
 _monotonic = time.monotonic
-_new_lock = threading.Lock
 _Future = asyncio.Future
 _running_loop = asyncio.get_running_loop
 #: A worker serving a lease checks this often whether its loop was closed
@@ -167,40 +215,65 @@ class _Abandoned(Exception):
 class _Abort:
     """Cancellation of one request's exchanges (see "Cancellation").
 
-    ``aborted`` is written once, by the loop's thread, and read by the worker;
-    ``conn`` and ``shot`` are guarded by ``lock`` (the worker and the aborter
-    thread only)."""
+    ``aborted`` is written once, by the loop's thread, and read by the worker.
+    ``cell`` is None or a one-item list holding the connector the worker is
+    exchanging on (a new list per exchange), published by the worker; the
+    worker (when the exchange ends) and the aborter thread (to shut it down)
+    each try to take the connector out with ``list.pop()``, one atomic C call
+    under the GIL: exactly one of them gets it, and that one decides."""
 
-    __slots__ = ("lock", "aborted", "conn", "shot")
+    __slots__ = ("aborted", "cell")
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.aborted = False
-        self.conn: Any = None  # the connector the worker is exchanging on
-        self.shot = False  # the aborter shut its socket down
+        self.cell: list[Any] | None = None
+
+
+def _shut(conn: Any) -> None:
+    """Shut ``conn``'s socket down (if it has one): its pending read ends with
+    EOF, and its probe fails, so the pool discards it when it comes back."""
+    sock = socket_of(conn)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _take_back(cell: list[Any], conn: Any) -> bool:
+    """On the worker, as the exchange ends: take ``conn`` back from ``cell``.
+    True: taken, and the aborter can no longer touch it.  False: the aborter
+    took it first and shuts its socket down (or is about to); it is shut down
+    here too, before the connector goes back, so the return's probe discards
+    it whatever the aborter's timing."""
+    try:
+        cell.pop()
+    except IndexError:
+        _shut(conn)
+        return False
+    return True
 
 
 def _exchange(abort: _Abort, conn: Any, q: Any, blobs: Any) -> Any:
-    """On a worker: ``conn.query(q, blobs)`` unless its task gave up first."""
-    with abort.lock:
-        if abort.aborted:
-            raise _Abandoned("the task was cancelled before its query was sent")
-        abort.conn = conn
+    """On a worker: ``conn.query(q, blobs)`` unless its task gave up first.
+
+    Published first, ``aborted`` read second; the loop sets ``aborted`` before
+    it hands the request to the aborter, which reads ``cell`` after: either
+    this thread sees ``aborted`` (and sends nothing), or the aborter finds the
+    connector in ``cell``."""
+    abort.cell = cell = [conn]
+    if abort.aborted:
+        _take_back(cell, conn)
+        raise _Abandoned("the task was cancelled before its query was sent")
     try:
         result = conn.query(q, blobs)
     except BaseException as e:
-        with abort.lock:
-            abort.conn = None
-            shot = abort.shot
-        if shot:
+        if not _take_back(cell, conn):
             raise _Abandoned("the task was cancelled during its query; the connection "
                              "was shut down") from e
         raise
-    with abort.lock:
-        abort.conn = None
-        shot = abort.shot
-    if shot:
-        # Answered, but shut down after the answer was read: unusable now.
+    if not _take_back(cell, conn):
+        # Answered, but taken by the aborter: shut down, unusable now.
         raise _Abandoned("the task was cancelled as its answer arrived; the connection "
                          "was shut down")
     return result
@@ -211,28 +284,22 @@ def _aborter_loop(requests: queue.SimpleQueue[_Abort | None]) -> None:
         abort = requests.get()
         if abort is None:
             return
-        with abort.lock:
-            sock = socket_of(abort.conn) if abort.conn is not None else None
-            if sock is not None and not abort.shot:
-                abort.shot = True
-                try:
-                    # Ends the worker's blocked read now; the connector is
-                    # then discarded (never reused: see _exchange).
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        cell = abort.cell
+        if cell is None:
+            # No exchange published yet: the worker reads ``aborted`` (set
+            # before the request was queued here) after publishing, and
+            # sends nothing.
+            continue
+        try:
+            conn = cell.pop()
+        except IndexError:  # that exchange ended; a later one sees ``aborted``
+            continue
+        # Ends the worker's blocked read now; the connector is then
+        # discarded (never reused: see _take_back).
+        _shut(conn)
 
 
 # -- results, posted by workers and run on the loop's thread ------------------
-
-def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if fut.done():  # cancelled: the task has gone
-        return
-    if error is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(error)
-
 
 def _grant(job: _LeaseJob, lease: Lease) -> None:
     if job.future.done():
@@ -242,6 +309,25 @@ def _grant(job: _LeaseJob, lease: Lease) -> None:
         job.future.set_result(lease)
 
 
+def _deliver(shared: _Shared, entry: tuple[Any, Any, Any]) -> None:
+    """From a worker: queue ``entry`` for ``_Shared.drain`` on the pool's loop:
+    ``(future, result, error)`` settles the future, ``(None, fn, args)`` runs
+    ``fn(*args)``."""
+    shared.results.append(entry)
+    # One wake-up of the loop for every batch of results: a wake-up is a
+    # system call here and a loop iteration there.  The loop clears
+    # ``posted`` before it drains (see _Shared.drain): a result appended
+    # after the drain's last look finds it clear and schedules another.
+    if not shared.posted:
+        shared.posted = True
+        loop = shared.loop
+        assert loop is not None
+        try:
+            loop.call_soon_threadsafe(shared.drain)
+        except RuntimeError:  # the loop is closed: nobody awaits the result
+            pass
+
+
 def _post(shared: _Shared, fn: Callable[..., None], *args: Any) -> bool:
     """From a worker: run ``fn(*args)`` on the pool's loop.  False if the loop
     is closed (nobody will ever run it)."""
@@ -249,18 +335,8 @@ def _post(shared: _Shared, fn: Callable[..., None], *args: Any) -> bool:
     assert loop is not None
     if loop.is_closed():
         return False
-    shared.results.append((fn, args))
-    # One wake-up of the loop for every batch of results: a wake-up is a
-    # system call here and a loop iteration there.  The loop clears
-    # ``posted`` before it drains (see _Shared.drain): a result appended
-    # after the drain's last look finds it clear and schedules another.
-    if not shared.posted:
-        shared.posted = True
-        try:
-            loop.call_soon_threadsafe(shared.drain)
-        except RuntimeError:  # closed since the test above
-            return False
-    return True
+    _deliver(shared, (None, fn, args))
+    return not loop.is_closed()
 
 
 # -- jobs ---------------------------------------------------------------------
@@ -279,21 +355,59 @@ class _End:
         self.returned = returned  # the loop returned the connector itself
 
 
+class _Hold:
+    """One worker thread's own state, touched by that thread only: ``lease``,
+    the ``sync_pool`` Lease the worker holds between query jobs (see
+    "Workers" in the module doc), or None."""
+
+    __slots__ = ("lease",)
+
+    def __init__(self) -> None:
+        self.lease: Lease | None = None
+
+    def ready(self, pool: ConnectionPool) -> bool:
+        """Whether the next query job may run on a held lease (this one, or
+        one its first attempt leases) and keep it.  A held lease that may not
+        serve it is returned first (``Lease.__exit__``: the return rule then
+        decides whether it stays idle, goes to a waiter or is dropped)."""
+        # Only for plain leases: leak tracking, ownership checks and metrics
+        # time each lease, which a hold would stretch over many queries.
+        ok = pool._fast and pool._metrics is None
+        lease = self.lease
+        if lease is not None:
+            slot = lease._slot
+            assert slot is not None
+            # The fast return's rule (Lease.__exit__: pool._fast, the
+            # generation, the lifetime), and nobody waits in sync_pool (a
+            # waiting thread or worker is served by the return).
+            if (ok and slot.generation == pool._generation and not pool._waiters and
+                    _monotonic() < slot.expires):
+                slot.uses += 1  # a lease granted per query, as without the hold
+                return True
+            self.let_go()
+        return ok
+
+    def let_go(self) -> None:
+        """Return the held lease, if any (a clean return: no query under way)."""
+        lease = self.lease
+        if lease is not None:
+            self.lease = None
+            lease.__exit__(None, None, None)
+
+
 class _Job(_Abort):
     # A job is its request's _Abort (one object per request, not two).
     __slots__ = ("future", "wait", "deadline", "__weakref__")
 
     def __init__(self, future: asyncio.Future[Any]) -> None:
         # _Abort's fields, set here: one call less per request.
-        self.lock = _new_lock()
         self.aborted = False
-        self.conn: Any = None
-        self.shot = False
+        self.cell = None
         self.future = future
         self.wait = 0.0  # seconds it may wait for a connector (set by _submit)
         self.deadline = 0.0  # time.monotonic() when that wait ends
 
-    def run(self, shared: _Shared) -> None:  # pragma: no cover - abstract
+    def run(self, shared: _Shared, hold: _Hold) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -306,13 +420,16 @@ class _LeaseJob(_Job):
         self.inbox: queue.SimpleQueue[tuple[Any, Any, asyncio.Future[Any]] | _End] = \
             queue.SimpleQueue()
 
-    def run(self, shared: _Shared) -> None:
+    def run(self, shared: _Shared, hold: _Hold) -> None:
         loop = shared.loop
         assert loop is not None
+        # A lease is acquired for the task (an _ManualLease: the task ends it,
+        # possibly on the loop's thread), never served from the worker's hold.
+        hold.let_go()
         try:
             lease = shared.pool.acquire(max(0.0, self.deadline - _monotonic()))
         except BaseException as e:
-            _post(shared, _settle, self.future, None, e)
+            _deliver(shared, (self.future, None, e))
             return
         if not _post(shared, _grant, self, lease):
             lease.release()
@@ -337,18 +454,18 @@ class _LeaseJob(_Job):
                         lease.release(cmd.error)
                 except BaseException as e:  # pragma: no cover - a bug: tell the task
                     if cmd.done is not None:
-                        _post(shared, _settle, cmd.done, None, e)
+                        _deliver(shared, (cmd.done, None, e))
                     raise
                 if cmd.done is not None:
-                    _post(shared, _settle, cmd.done, None, None)
+                    _deliver(shared, (cmd.done, None, None))
                 return
             q, blobs, fut = cmd
             try:
                 result = _exchange(self, conn, q, blobs)
             except BaseException as e:
-                _post(shared, _settle, fut, None, e)
+                _deliver(shared, (fut, None, e))
             else:
-                _post(shared, _settle, fut, result, None)
+                _deliver(shared, (fut, result, None))
 
 
 class _QueryJob(_Job):
@@ -356,31 +473,42 @@ class _QueryJob(_Job):
 
     def __init__(self, future: asyncio.Future[Any], q: Any, blobs: Any, idempotent: bool | None,
                  timeout: float | None, retry: RetryPolicy | None) -> None:
-        super().__init__(future)
+        # _Job's fields, set here: no super() call per query.
+        self.aborted = False
+        self.cell = None
+        self.future = future
+        self.wait = 0.0
+        self.deadline = 0.0
         self.q = q
         self.blobs = blobs
         self.idempotent = idempotent
         self.timeout = timeout
         self.retry = retry
 
-    def run(self, shared: _Shared) -> None:
-        abort, q, blobs = self, self.q, self.blobs
-        if abort.aborted:
+    def __call__(self, conn: Any) -> Any:
+        # The body of each attempt (no closure per query).
+        return _exchange(self, conn, self.q, self.blobs)
+
+    def run(self, shared: _Shared, hold: _Hold) -> None:
+        if self.aborted:
             return
-
-        def body(conn: Any) -> Any:
-            return _exchange(abort, conn, q, blobs)
-
+        pool = shared.pool
         try:
             # ConnectionPool.query's own path (attempt leases, deadlines,
-            # error classification), with this module's exchange as the body.
-            pool = shared.pool
-            result = pool._run_policy(pool.retry if self.retry is None else self.retry,
-                                      body, q, blobs, self.timeout, self.idempotent, None)
+            # error classification), with this module's exchange as the body;
+            # its first attempt on the held lease, if any, which it keeps in
+            # ``hold`` if the attempt succeeds (see "Workers").
+            result = pool._run_policy(
+                pool.retry if self.retry is None else self.retry, self, self.q, self.blobs,
+                self.timeout, self.idempotent, None, hold if hold.ready(pool) else None)
         except BaseException as e:
-            _post(shared, _settle, self.future, None, e)
-        else:
-            _post(shared, _settle, self.future, result, None)
+            _deliver(shared, (self.future, None, e))
+            return
+        if not shared.jobs:
+            # No job queued: the connector goes back before the task learns
+            # that its query is done (as pool.query leaves it), not after.
+            hold.let_go()
+        _deliver(shared, (self.future, result, None))
 
 
 class _Shared:
@@ -395,24 +523,30 @@ class _Shared:
         self.wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.idle: deque[int] = deque()  # one entry per worker blocked on ``wake``
         self.aborts: queue.SimpleQueue[_Abort | None] = queue.SimpleQueue()
-        # Results posted by workers, run on the loop by drain(); ``posted``:
-        # a drain is scheduled (see _post).
-        self.results: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        # Results posted by workers (_deliver), run on the loop by drain();
+        # ``posted``: a drain is scheduled.
+        self.results: deque[tuple[Any, Any, Any]] = deque()
         self.posted = False
         self.workers = 0
         self.stopping = False
 
     def drain(self) -> None:
-        # On the loop's thread.  Cleared first: see _post.
+        # On the loop's thread.  Cleared first: see _deliver.
         self.posted = False
         results = self.results
         while True:
             try:
-                fn, args = results.popleft()
+                fut, x, y = results.popleft()
             except IndexError:
                 return
             try:
-                fn(*args)
+                if fut is None:
+                    x(*y)
+                elif not fut.done():  # (done: cancelled, the task has gone)
+                    if y is None:
+                        fut.set_result(x)
+                    else:
+                        fut.set_exception(y)
             except Exception as e:  # pragma: no cover - the callbacks only settle futures
                 assert self.loop is not None
                 self.loop.call_exception_handler({"message": "aperturedb_pool.aio: a result "
@@ -429,22 +563,29 @@ class _Shared:
 def _worker_loop(shared: _Shared, me: int) -> None:
     jobs, wake, idle = shared.jobs, shared.wake, shared.idle
     take = wake.get
+    hold = _Hold()
     while True:
         try:
             # A token already there (jobs are queued): no need to be counted
-            # idle (``idle`` feeds max_waiting) for an instant.
+            # idle (``idle`` feeds max_waiting) for an instant, and the held
+            # lease, if any, serves the next job.
             take(False)
         except queue.Empty:
+            # Nothing queued: the held connector goes back to sync_pool
+            # before this thread blocks (idle there: pinged, shrunk, leased
+            # by threads, closed by close()).
+            hold.let_go()
             idle.append(me)
             take()
             idle.remove(me)
         try:
             job = jobs.popleft()
         except IndexError:  # a withdrawn job's token, or the stop signal
+            hold.let_go()
             if shared.stopping:
                 return
             continue
-        job.run(shared)
+        job.run(shared, hold)
 
 
 def _start_threads(shared: _Shared, count: int, name: str) -> None:

@@ -580,7 +580,7 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
 
     def _run_policy(self, policy: RetryPolicy, body: Callable[[Any], T] | None, q: Any,
                     blobs: Any, attempt_timeout: float | None, idempotent: bool | None,
-                    label: str | None) -> T:
+                    label: str | None, hold: Any = None) -> T:
         """``query()`` and ``run()`` (and ``aperturedb_pool.aio``) under ``policy``.
 
         ``body`` None: each attempt is ``conn.query(q, blobs)``; otherwise
@@ -589,11 +589,19 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         ``attempt_timeout`` bounds each attempt's exchange (see ``query``).
         The first attempt is made here, inline; the policy (tenacity's loop,
         ``_retry_after``) is reached only after it failed.
+
+        ``hold`` (``aperturedb_pool.aio``'s workers): an object whose
+        ``lease`` attribute is a Lease its thread holds across calls, or None.
+        The first attempt runs on that lease's connector (none: it leases one
+        as usual) and, if it succeeds, leaves the lease in ``hold.lease``
+        instead of returning it; if it fails, the lease is ended as any
+        attempt's (discarded if the exchange was interrupted) and
+        ``hold.lease`` is None.  Retries lease and return as usual.
         """
         started = _monotonic()
         try:
             return self._attempt(started, policy.deadline, body, q, blobs, attempt_timeout,
-                                 idempotent, label)
+                                 idempotent, label, hold)
         except ConnectorError as e:
             first = e
         return self._retry_after(first, started, policy, body, idempotent, label, q, blobs,
@@ -626,26 +634,35 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
     def _attempt(self, started: float, remaining: float | None,
                  body: Callable[[Any], T] | None, q: Any, blobs: Any,
                  attempt_timeout: float | None, idempotent: bool | None,
-                 label: str | None) -> T:
-        """One attempt of ``query()``/``run()``: lease, run, give back (discarding on failure)."""
-        wait = self.timeout
-        if remaining is not None and remaining < wait:
-            wait = remaining if remaining > 0.0 else 0.0
-        # The pool's Lease (its fast paths; a timing subclass when
-        # instrumented), released below on every path.
-        make = self._lease_type  # (see lease())
-        lease = make(self, wait)
-        try:
-            conn = lease.__enter__()
-        except PoolTimeout as e:
-            with self._lock:
-                down = self._unreachable_since
-            if down is None:
-                raise
-            # No connector because none could be opened: nothing was sent, a
-            # connect failure for the policy to retry until its deadline, when
-            # it raises ServerUnreachable (in one place: RetryPolicy.resume).
-            raise ConnectFailed(f"{e}; nothing was sent") from e
+                 label: str | None, hold: Any = None) -> T:
+        """One attempt of ``query()``/``run()``: lease, run, give back (discarding on failure).
+
+        With ``hold`` (see ``_run_policy``): on ``hold.lease`` if set, and kept
+        there after a success."""
+        lease = None if hold is None else hold.lease
+        if lease is None:
+            wait = self.timeout
+            if remaining is not None and remaining < wait:
+                wait = remaining if remaining > 0.0 else 0.0
+            # The pool's Lease (its fast paths; a timing subclass when
+            # instrumented), released below on every path.
+            make = self._lease_type  # (see lease())
+            lease = make(self, wait)
+            try:
+                conn = lease.__enter__()
+            except PoolTimeout as e:
+                with self._lock:
+                    down = self._unreachable_since
+                if down is None:
+                    raise
+                # No connector because none could be opened: nothing was sent, a
+                # connect failure for the policy to retry until its deadline, when
+                # it raises ServerUnreachable (in one place: RetryPolicy.resume).
+                raise ConnectFailed(f"{e}; nothing was sent") from e
+        else:
+            # Held: ``hold.lease`` stays set until the lease ends (below),
+            # so whoever holds ``hold`` can always give it back.
+            conn = lease._slot.conn  # type: ignore[union-attr]
         slot = lease._slot
         phase = slot.phase if slot is not None and slot.tracked else None
         # The policy's deadline (and the per-call timeout) bound the exchange
@@ -670,6 +687,8 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
             if phase is not None:
                 phase.deadline = None
                 phase.watched = False
+            if hold is not None:
+                hold.lease = None  # ends below (its __exit__ gives it back if interrupted)
             lease.__exit__(type(e), e, None)  # counts an unknown outcome
             if isinstance(e, ConnectFailed) and phase is not None and phase.reached > reached:
                 if idempotent is None:
@@ -688,6 +707,9 @@ class ConnectionPool(_MaintenanceWork, Generic[C]):
         if phase is not None:
             phase.deadline = None
             phase.watched = False
+        if hold is not None:
+            hold.lease = lease  # kept: its holder returns it
+            return result
         lease.__exit__(None, None, None)
         return result
 

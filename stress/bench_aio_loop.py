@@ -6,7 +6,7 @@
 a shared machine by more than a change to the loop's part does.  This
 measures that part alone, on one thread: 64 tasks ``await pool.query(q)``;
 each job is taken from the queue and answered at once, on the loop's thread,
-through the same ``_post`` / ``drain`` path a worker uses (no worker thread,
+through the same ``_deliver`` / ``drain`` path a worker uses (no worker thread,
 no network, no connector: the pool is never opened).  The figure is
 ``time.thread_time()`` of the loop's thread per query: the task's steps, the
 future, the job, ``_submit``, the batch drain and the wake-up of the task.
@@ -49,7 +49,7 @@ async def one_round(tasks: int, duration: float) -> float:
 
         def put(self, _token: Any) -> None:
             job = shared.jobs.popleft()
-            aio._post(shared, aio._settle, job.future, None, None)
+            aio._deliver(shared, (job.future, None, None))
 
     shared.wake = AnswerAtOnce()  # type: ignore[assignment]
     stop = False

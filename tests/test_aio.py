@@ -470,3 +470,284 @@ def test_a_dropped_acquired_lease_is_discarded_with_a_warning(adb_server: Any, r
             assert sum(pool.stats().discarded.values()) == 1
 
     run(main)
+
+
+# -- a worker keeps its connector while query jobs are queued ------------------
+
+def _count_checkouts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts ``Lease.__enter__`` (a sync-pool checkout) on every thread."""
+    from aperturedb_pool._lease import Lease
+
+    calls = [0]
+    enter = Lease.__enter__
+
+    def counting(self: Any) -> Any:
+        calls[0] += 1
+        return enter(self)
+
+    monkeypatch.setattr(Lease, "__enter__", counting)
+    return calls
+
+
+def _burst(pool: AsyncConnectionPool, keys: list[int]) -> Any:
+    return asyncio.gather(*[pool.query(tag(k)) for k in keys], return_exceptions=True)
+
+
+def test_a_worker_keeps_its_connector_while_queries_are_queued(
+        adb_server: Any, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    load_tags(adb_server, 4)
+    checkouts = _count_checkouts(monkeypatch)
+
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1) as pool:
+            await pool.wait_ready(JOIN)
+            adb_server.set_latency(0.002)  # the other 39 queue behind the first
+            before = (checkouts[0], pool.stats().leases_granted)
+            got = await _burst(pool, [k % 4 for k in range(40)])
+            assert [answer(r) for r, _ in got] == [k % 4 for k in range(40)]
+            # One checkout served the queued queries (a few more if the queue
+            # ran dry for a moment), each still counted as a lease granted;
+            # and the connector was back before the last answer was delivered.
+            assert checkouts[0] - before[0] <= 5, checkouts[0] - before[0]
+            s = pool.stats()
+            assert s.leases_granted - before[1] == 40
+            assert (s.leased, s.idle, s.size, dict(s.discarded)) == (0, 1, 1, {})
+
+    run(main)
+    assert adb_server.counters()["sharing_violations"] == 0
+
+
+def test_a_connector_held_for_a_burst_is_pinged_once_idle(adb_server: Any, run: Any) -> None:
+    # After the burst the worker has nothing queued: the connector is back in
+    # the sync pool, idle, where the keepalive pings it.
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1,
+                                       keepalive_interval=0.3) as pool:
+            await pool.wait_ready(JOIN)
+            adb_server.set_latency(0.002)
+            got = await _burst(pool, [0] * 30)
+            assert not [r for r in got if isinstance(r, BaseException)]
+            adb_server.set_latency(0.0)
+            pings = pool.stats().keepalive_pings
+            await asyncio.to_thread(
+                wait_until, lambda: pool.stats().keepalive_pings > pings, "a keepalive ping")
+            s = pool.stats()
+            assert (s.leased, s.idle, dict(s.discarded)) == (0, 1, {})
+
+    load_tags(adb_server, 1)
+    run(main)
+
+
+@pytest.mark.parametrize("why", ["expired", "retired"])
+def test_a_held_connector_is_still_retired_between_queued_queries(
+        adb_server: Any, run: Any, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    # The worker holds the connector while queries queue behind a slow one;
+    # the connector comes due (max_lifetime passes, or retire_all()): the next
+    # queued query runs on a new connector, the old one is closed.
+    from aperturedb_pool import aio
+
+    load_tags(adb_server, 2)
+    clock = _support.ShiftedClock()
+    _support.set_pool_clock(monkeypatch, clock)
+    monkeypatch.setattr(aio, "_monotonic", clock)
+
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1,
+                                       max_lifetime=600.0, timeout=JOIN) as pool:
+            await pool.wait_ready(JOIN)
+            adb_server.reset_counters()
+            adb_server.set_latency(0.2)
+            burst = asyncio.ensure_future(_burst(pool, [0, 1, 0, 1]))
+            await asyncio.to_thread(wait_until, lambda: adb_server.counters()["pending"] == 1,
+                                    "the first query at the server")
+            if why == "expired":
+                clock.advance(700.0)
+            else:
+                assert pool.sync_pool.retire_all() == 1
+            # Dropped as the second query starts, not after the burst (each
+            # query takes 0.2 s at the server: the fourth is far off).
+            await asyncio.to_thread(wait_until, lambda: pool.stats().discarded.get(why) == 1,
+                                    "the held connector dropped")
+            assert adb_server.counters()["requests_by_command"]["FindEntity"] < 4
+            assert not burst.done()
+            adb_server.set_latency(0.0)
+            got = await burst
+            assert [answer(r) for r, _ in got] == [0, 1, 0, 1]
+            s = pool.stats()
+            assert dict(s.discarded) == {why: 1}, dict(s.discarded)
+            assert (s.leased, s.size, s.connectors_opened) == (0, 1, 2)
+            assert adb_server.counters()["accepted"] == 1  # one new connection
+
+    run(main)
+    assert adb_server.counters()["sharing_violations"] == 0
+
+
+def test_a_cancelled_query_on_a_held_connector_discards_it(adb_server: Any, run: Any) -> None:
+    load_tags(adb_server, 2)
+
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1,
+                                       timeout=JOIN) as pool:
+            await pool.wait_ready(JOIN)
+            adb_server.reset_counters()
+            adb_server.set_latency(0.2)
+            first = asyncio.ensure_future(pool.query(tag(0)))
+            second = asyncio.ensure_future(pool.query(tag(1)))  # queued: runs on the hold
+            assert answer((await first)[0]) == 0
+            await asyncio.to_thread(
+                wait_until, lambda: adb_server.counters()["requests_by_command"]
+                .get("FindEntity", 0) == 1 and adb_server.counters()["pending"] == 1,
+                "the second query at the server")
+            adb_server.set_latency(30.0)  # (not applied to a request already there)
+            second.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            adb_server.set_latency(0.0)
+            await asyncio.to_thread(
+                wait_until, lambda: (pool.stats().discarded.get("interrupted") == 1 and
+                                     pool.stats().size == 1), "the connector replaced")
+            for k in (1, 0):
+                assert answer((await pool.query(tag(k)))[0]) == k
+            s = pool.stats()
+            assert (s.leased, s.idle, s.generation) == (0, 1, 0)
+
+    run(main)
+    assert adb_server.counters()["sharing_violations"] == 0
+
+
+def test_a_thread_waiting_in_the_sync_pool_is_served_while_queries_are_queued(
+        adb_server: Any, run: Any) -> None:
+    # 100 queries queued behind each other keep the only worker busy for about
+    # 2 s: a worker that kept its connector for as long as jobs are queued
+    # would make the thread wait that long.  It must get the connector within
+    # about a job (and the fairness threshold), well inside 1 s.
+    async def main() -> None:
+        async with AsyncConnectionPool(adb_server.connector(), min_size=1, max_size=1,
+                                       timeout=JOIN) as pool:
+            await pool.wait_ready(JOIN)
+            adb_server.reset_counters()
+            adb_server.set_latency(0.02)
+            burst = asyncio.ensure_future(asyncio.gather(
+                *[pool.query([{"GetStatus": {}}]) for _ in range(100)]))
+            await asyncio.to_thread(wait_until, lambda: adb_server.counters()["pending"] == 1,
+                                    "the first query at the server")
+            r = await asyncio.to_thread(pool.sync_pool.query, [{"GetStatus": {}}],
+                                        retry=RetryPolicy(max_attempts=1, deadline=1.0))
+            assert r[0][0]["GetStatus"]["status"] == 0
+            assert not burst.done()  # served while the tasks' queries were still queued
+            adb_server.set_latency(0.0)
+            assert len(await burst) == 100
+            s = pool.stats()
+            assert (s.leased, s.idle, dict(s.discarded), s.timeouts) == (0, 1, {}, 0)
+
+    run(main)
+
+
+# -- the cancellation hand-off of one exchange (pure logic, stand-ins) ----------
+
+class _Sock:
+    def __init__(self) -> None:
+        self.shut = 0
+
+    def shutdown(self, how: int) -> None:
+        self.shut += 1
+
+
+class _Conn:
+    """A stand-in whose query runs ``during`` (the aborter, at that moment)."""
+
+    def __init__(self, during: Callable[[], None] | None = None) -> None:
+        self.conn = _Sock()
+        self.during = during
+        self.sent = 0
+
+    def query(self, q: Any, blobs: Any) -> Any:
+        self.sent += 1
+        if self.during is not None:
+            self.during()
+        return "answer"
+
+
+def _abort_now(abort: Any) -> None:
+    """What the loop and the aborter thread do for a cancelled request."""
+    import queue
+
+    from aperturedb_pool import aio
+
+    abort.aborted = True
+    requests: Any = queue.SimpleQueue()
+    requests.put(abort)
+    requests.put(None)
+    aio._aborter_loop(requests)
+
+
+def test_an_exchange_and_its_abort_decide_exactly_once() -> None:
+    from aperturedb_pool import aio
+
+    # Aborted before the worker published: nothing sent, nothing shut down.
+    abort = aio._Abort()
+    _abort_now(abort)
+    conn = _Conn()
+    with pytest.raises(aio._Abandoned, match="before its query was sent"):
+        aio._exchange(abort, conn, "q", [])
+    assert (conn.sent, conn.conn.shut) == (0, 0)
+
+    # Aborted during the exchange: the aborter shuts the socket down, and the
+    # worker, finding the connector taken, shuts it down too and fails.
+    abort = aio._Abort()
+    conn = _Conn(lambda: _abort_now(abort))
+    with pytest.raises(aio._Abandoned, match="as its answer arrived"):
+        aio._exchange(abort, conn, "q", [])
+    assert (conn.sent, conn.conn.shut) == (1, 2)
+
+    # Aborted after the exchange ended: the worker took the connector back,
+    # so a late abort never shuts down a connector that went back to the pool.
+    abort = aio._Abort()
+    conn = _Conn()
+    assert aio._exchange(abort, conn, "q", []) == "answer"
+    _abort_now(abort)
+    assert (conn.sent, conn.conn.shut) == (1, 0)
+    # ... and the next exchange of the same request (a lease's next query, a
+    # retry) sees the abort and sends nothing.
+    with pytest.raises(aio._Abandoned, match="before its query was sent"):
+        aio._exchange(abort, conn, "q", [])
+    assert (conn.sent, conn.conn.shut) == (1, 0)
+
+
+def test_closing_while_workers_hold_connectors_leaks_nothing(adb_server: Any, run: Any) -> None:
+    # Workers hold their connectors while queries are queued; close() comes
+    # in the middle of the stream: every task ends (an answer or PoolClosed),
+    # every connector is closed, the sync pool's books balance.
+    load_tags(adb_server, 4)
+
+    async def main() -> None:
+        pool = AsyncConnectionPool(adb_server.connector(), min_size=4, max_size=4,
+                                   timeout=JOIN)
+        await pool.open(wait=True, timeout=JOIN)
+        adb_server.set_latency(0.001)
+        wrong: list[int] = []
+
+        async def stream(i: int) -> None:
+            while True:
+                response, _ = await pool.query(tag(i % 4))
+                if answer(response) != i % 4:
+                    wrong.append(i)
+
+        tasks = [asyncio.ensure_future(stream(i)) for i in range(32)]
+        await asyncio.to_thread(
+            wait_until, lambda: pool.sync_pool.stats().leases_granted > 200, "queries flowing")
+        await pool.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, PoolClosed) for r in results), results
+        assert wrong == []
+        adb_server.set_latency(0.0)
+        s = await asyncio.to_thread(
+            wait_until, lambda: (lambda s: s if s.size == 0 else None)(pool.sync_pool.stats()),
+            "every connector closed")
+        assert (s.leased, s.idle, s.waiting) == (0, 0, 0)
+        assert s.connectors_closed == s.connectors_opened == 4
+        assert set(s.discarded) <= {"closed"}
+
+    run(main)
+    wait_until(lambda: adb_server.counters()["open"] == 0, "the server's connections closed")
+    assert adb_server.counters()["sharing_violations"] == 0
