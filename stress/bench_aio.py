@@ -16,6 +16,20 @@ blocking-64     (info) 64 tasks calling the sync ``ConnectionPool.query`` on the
 sync-query-8    (info) 8 threads calling the sync ``ConnectionPool.query`` (pool of 8):
                 what the retry-policy path costs without asyncio, the reference
                 for (b), which runs that path on 8 worker threads
+executor-64     (info) 64 tasks, ``await loop.run_in_executor(executor, fn)`` on a
+                ``ThreadPoolExecutor`` of 8 threads, each querying its own dedicated
+                clone: no pool, no retry policy, no cancellation safety (a task
+                cancelled mid-query leaves the clone owed an answer): the naive
+                wrapping, what asyncio's hop to a thread and back costs by itself
+handoff-64      (info) 64 tasks handing ``conn.query(q)`` to 8 threads, each with its
+                own dedicated clone, through the least a hand-off needs and what
+                ``aio`` uses: a future per query, one FIFO deque of jobs, a token
+                per job on a ``SimpleQueue`` where idle threads block, a thread
+                that finds jobs queued goes on without blocking, answers posted
+                in batches with one ``call_soon_threadsafe`` per batch.  No pool,
+                no retry, no cancellation safety, no limits: the ceiling of any
+                design that keeps network I/O off the loop's thread with these
+                parts (issue 17's 0.9 is measured against it in the README)
 ==============  ===================================================================
 
 During every task configuration a ticker task on the same loop sleeps 1 ms
@@ -36,11 +50,15 @@ This is a benchmark, not a test: the exit status does not depend on targets.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
+import queue
 import statistics
 import sys
+import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 os.environ.setdefault("ADB_LOG_FILE", "")
@@ -56,7 +74,8 @@ from bench_e2e import (  # noqa: E402
 )
 
 Q = [{"GetStatus": {}}]
-CONFIGS = ("dedicated", "aio-query-64", "aio-lease-64", "blocking-64", "sync-query-8")
+CONFIGS = ("dedicated", "aio-query-64", "aio-lease-64", "blocking-64", "sync-query-8",
+           "executor-64", "handoff-64")
 TARGETS = {"aio-query-64": 0.9}
 LAG_TARGET_MS = 5.0
 TICK = 0.001
@@ -105,6 +124,67 @@ async def measure_tasks(tasks: int, body: Callable[[], Any], duration: float) ->
             "errors": errors[:3]}
 
 
+class _Handoff:
+    """``handoff-64``: the bare hand-off of a query to a thread and of its answer
+    back to the loop (see the module doc); a benchmark's baseline, not a pool."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conns: list[Any]) -> None:
+        self.loop = loop
+        self.conns = conns
+        for c in conns:
+            c.query(Q)
+        self.jobs: deque[tuple[asyncio.Future[Any], Any]] = deque()
+        self.wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self.answers: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
+        self.posted = False
+        self.threads = [threading.Thread(target=self._work, args=(c,), daemon=True)
+                        for c in conns]
+        for t in self.threads:
+            t.start()
+
+    def query(self, q: Any) -> asyncio.Future[Any]:
+        fut = self.loop.create_future()
+        self.jobs.append((fut, q))
+        self.wake.put(True)
+        return fut
+
+    def _work(self, conn: Any) -> None:
+        jobs, take = self.jobs, self.wake.get
+        while True:
+            if not take():
+                return
+            while True:
+                try:
+                    fut, q = jobs.popleft()
+                except IndexError:
+                    break
+                try:
+                    self.answers.append((fut, conn.query(q), None))
+                except BaseException as e:
+                    self.answers.append((fut, None, e))
+                if not self.posted:
+                    self.posted = True
+                    self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        self.posted = False
+        answers = self.answers
+        while answers:
+            fut, result, error = answers.popleft()
+            if fut.done():
+                continue
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.wake.put(False)
+        for t in self.threads:
+            t.join(10)
+
+
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
         import uvloop
@@ -144,6 +224,26 @@ def main(argv: list[str] | None = None) -> int:
             async with apool.lease() as conn:
                 return await conn.query(Q)
 
+        executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="executor-64")
+        spare = [template.clone() for _ in range(8)]
+        for c in spare:
+            c.query(Q)
+        mine = threading.local()
+
+        def executor_work() -> Any:
+            conn = getattr(mine, "conn", None)
+            if conn is None:  # an executor thread's first job: its own clone
+                conn = mine.conn = spare.pop()
+            return conn.query(Q)
+
+        async def executor_query() -> Any:
+            return await loop.run_in_executor(executor, executor_work)
+
+        handoff = _Handoff(loop, [template.clone() for _ in range(8)])
+
+        async def handoff_query() -> Any:
+            return await handoff.query(Q)
+
         async def blocking_query() -> Any:
             r = blocking.query(Q)  # on the loop's thread: what not to do
             await asyncio.sleep(0)  # (a handler awaits something else too)
@@ -159,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "sync-query-8":
                 return measure(8, lambda i: lambda: blocking.query(Q), d)
             body = {"aio-query-64": aio_query, "aio-lease-64": aio_lease,
-                    "blocking-64": blocking_query}[name]
+                    "blocking-64": blocking_query, "executor-64": executor_query,
+                    "handoff-64": handoff_query}[name]
             return loop.run_until_complete(measure_tasks(64, body, d))
 
         for name in configs:  # warm-up, not recorded
@@ -171,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         stats = apool.stats()
         loop.run_until_complete(apool.close())
         blocking.close()
+        executor.shutdown()
+        handoff.close()
         loop.close()
-        for c in dedicated:
+        for c in dedicated + spare + handoff.conns:
             c.close()
 
     report: dict[str, Any] = {"machine": facts, "duration_s": duration, "pinned": pinned,

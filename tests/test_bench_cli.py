@@ -357,15 +357,15 @@ def test_bench_aio_short_run_reports_throughput_and_lag() -> None:
     env = _env()
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, str(ROOT / "stress" / "bench_aio.py"), "--duration",
-                        "0.3", "--rounds", "1", "--no-pin", "--only", "aio-query-64,aio-lease-64",
-                        "--json"],
+                        "0.3", "--rounds", "1", "--no-pin", "--only",
+                        "aio-query-64,aio-lease-64,handoff-64", "--json"],
                        capture_output=True, text=True, timeout=120, env=env,
                        cwd=str(ROOT / "stress"))
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(p.stdout)
     assert doc["sharing_violations"] == 0 and doc["aio_pool_discarded"] == {}
-    assert set(doc["configs"]) == {"dedicated", "aio-query-64", "aio-lease-64"}
-    for name in ("aio-query-64", "aio-lease-64"):
+    assert set(doc["configs"]) == {"dedicated", "aio-query-64", "aio-lease-64", "handoff-64"}
+    for name in ("aio-query-64", "aio-lease-64", "handoff-64"):
         c = doc["configs"][name]
         assert c["threads"] == 64 and c["errors"] == [] and c["qps_median"] > 100
         assert 0 < c["ratio_vs_dedicated_median"] and 0 <= c["lag_max_ms"] < 10_000
