@@ -513,3 +513,35 @@ def test_constraints_agree_with_the_sdk_reference():
             assert got == want
 
         check()
+
+
+def test_latency_for_one_command_delays_only_its_requests(server):
+    # set_latency(..., command=): the delayed query waits, a GetStatus on
+    # another connection (a pool's ping of a new connector) does not.
+    slow_conn, fast_conn = server.connector(), server.connector()
+    find = [{"FindEntity": {"with_class": "Nobody", "results": {"count": True}}}]
+    slow_conn.query(find)
+    fast_conn.query([{"GetStatus": {}}])
+    server.set_latency(0.6, command="FindEntity")
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (slow_conn.query(find), done.set()), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while server.counters()["pending"] != 1:
+        assert time.monotonic() < deadline, "the FindEntity never reached the server"
+        time.sleep(0.005)
+    fast_conn.query([{"GetStatus": {}}])  # answered while the FindEntity waits
+    assert not done.is_set()
+    assert done.wait(10)
+    t.join(10)
+    # A refused argument changes nothing: the latency still applies to FindEntity only
+    # (were the refused command kept, this GetStatus would wait 3 s).
+    server.set_latency(3.0, command="FindEntity")
+    with pytest.raises(ValueError, match="command"):
+        server.set_latency(1.0, command="")
+    with pytest.raises(ValueError, match="latency"):
+        server.set_latency(-1, command="GetStatus")
+    started = time.monotonic()
+    fast_conn.query([{"GetStatus": {}}])
+    assert time.monotonic() - started < 1.5
+    server.set_latency(0)

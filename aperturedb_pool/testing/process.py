@@ -128,8 +128,10 @@ class ServerControl:
     def refuse_connections(self, seconds: float) -> None:
         self.call("refuse_connections", seconds)
 
-    def set_latency(self, latency: float | tuple[float, float]) -> None:
-        self.call("set_latency", list(latency) if isinstance(latency, tuple) else latency)
+    def set_latency(self, latency: float | tuple[float, float],
+                    command: str | None = None) -> None:
+        self.call("set_latency", list(latency) if isinstance(latency, tuple) else latency,
+                  command)
 
     def close_after_next_request(self, execute: bool, command: str | None = None) -> None:
         self.call("close_after_next_request", execute, command)

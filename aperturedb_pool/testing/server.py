@@ -223,6 +223,7 @@ class EmbeddedServer:
         self._timer_seq = 0
         self._counters = _new_counters()
         self._latency: Callable[[], float] | None = None
+        self._latency_for: str | None = None  # '"Command"': only requests naming it
         self._refuse_until = 0.0
         self._close_after: _Fault | None = None
         self._garbage: _Fault | None = None
@@ -406,9 +407,12 @@ class EmbeddedServer:
         """For ``seconds``, new connections are reset right after their hello."""
         self._call(self._do_refuse, float(seconds))
 
-    def set_latency(self, latency: float | tuple[float, float] | list[float]) -> None:
-        """Delay every answer by ``latency`` s, or uniformly in ``(lo, hi)``."""
-        self._call(self._apply_latency, latency)
+    def set_latency(self, latency: float | tuple[float, float] | list[float],
+                    command: str | None = None) -> None:
+        """Delay every answer by ``latency`` s, or uniformly in ``(lo, hi)``; with
+        ``command``, only the answers to requests containing that command (the
+        pool's ``GetStatus`` pings of new connectors, say, then go undelayed)."""
+        self._call(self._apply_latency, latency, command)
 
     def close_after_next_request(self, execute: bool, command: str | None = None) -> None:
         """Close the connection of the next request (containing ``command``) without an
@@ -486,19 +490,27 @@ class EmbeddedServer:
     def _do_refuse(self, seconds: float) -> None:
         self._refuse_until = time.monotonic() + max(0.0, seconds)
 
-    def _apply_latency(self, latency: Any) -> None:
+    def _apply_latency(self, latency: Any, command: str | None = None) -> None:
+        if command is not None and not (isinstance(command, str) and command):
+            raise ValueError(f"command must be a command name such as 'FindEntity', "
+                             f"got {command!r}")
+        draw: Callable[[], float] | None
         if isinstance(latency, (tuple, list)):
             if len(latency) != 2:
                 raise ValueError(f"latency range must be (lo, hi), got {latency!r}")
             lo, hi = float(latency[0]), float(latency[1])
             if lo < 0 or hi < lo:
                 raise ValueError(f"latency range must have 0 <= lo <= hi, got {latency!r}")
-            self._latency = (lambda: random.uniform(lo, hi)) if hi > 0 else None
+            draw = (lambda: random.uniform(lo, hi)) if hi > 0 else None
         else:
             x = float(latency or 0.0)
             if x < 0:
                 raise ValueError(f"latency must be >= 0, got {latency!r}")
-            self._latency = (lambda: x) if x > 0 else None
+            draw = (lambda: x) if x > 0 else None
+        # Both or neither: a refused argument changes nothing.  The command is
+        # matched on the request's JSON text, before it is parsed: a quoted name.
+        self._latency = draw
+        self._latency_for = None if command is None else f'"{command}"'
 
     def _apply_idle_timeout(self, seconds: float | None) -> None:
         if seconds is not None and (not isinstance(seconds, (int, float)) or seconds <= 0):
@@ -870,7 +882,8 @@ class EmbeddedServer:
             self._answer(conn, {"status": -1, "info": "the request is not a valid queryMessage "
                                 "protobuf"}, [])
             return
-        if self._latency is not None:
+        if self._latency is not None and (self._latency_for is None
+                                          or self._latency_for in msg.json):
             delay = self._latency()
             if delay > 0:
                 conn.pending = True
