@@ -15,6 +15,7 @@ benchmark (``stress/bench_query_cpu.py --no-network``) showing the cost.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import gc
 import sys
@@ -81,7 +82,8 @@ def ways() -> Any:
             conn.query(Q)
 
     yield {"dedicated": lambda: dedicated.query(Q), "lease": lease,
-           "pool.query": lambda: pool.query(Q), "shared": lambda: shared.query(Q)}
+           "pool.query": lambda: pool.query(Q), "shared": lambda: shared.query(Q),
+           "pool": pool, "template": template}
     pool.close()
     dedicated.close()
     server.stop()
@@ -102,3 +104,76 @@ def test_a_query_adds_no_call_beyond_its_budget(ways: Any, way: str) -> None:
     for name in ("Connector.py:query", "Connector.py:_query", "Connector.py:authenticate",
                  "Connector.py:_renew_session"):
         assert seen[name] == base[name] == 1, (name, seen[name], base[name])
+
+
+# -- no reference cycles per operation ----------------------------------------
+# An object in a reference cycle is freed only by the cyclic collector; a
+# stream of them makes it run often and, now and then, run a full collection:
+# a pause of tens of milliseconds (on an event loop, a lag every task sees).
+# Every way of running a query must leave nothing for it.
+
+def _cyclic_garbage(run_ops: Callable[[], Any]) -> collections.Counter[str]:
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        run_ops()
+        gc.collect()
+        return collections.Counter(type(o).__qualname__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+@pytest.mark.parametrize("way", sorted(BUDGET) + ["pool.run"])
+def test_a_query_leaves_no_reference_cycle(ways: Any, way: str) -> None:
+    if way == "pool.run":
+        pool = ways["pool"]
+
+        def f() -> Any:
+            return pool.run(lambda conn: conn.query(Q))
+    else:
+        f = ways[way]
+
+    def run_ops() -> None:
+        for _ in range(50):
+            f()
+
+    run_ops()  # warm: anything made once (a thread-local, a cache) is made
+    assert _cyclic_garbage(run_ops) == {}
+
+
+@pytest.mark.parametrize("way", ["lease", "query", "acquire"])
+def test_an_async_query_leaves_no_reference_cycle(ways: Any, way: str) -> None:
+    from aperturedb_pool.aio import AsyncConnectionPool
+
+    async def main() -> collections.Counter[str]:
+        async with AsyncConnectionPool(ways["template"], min_size=2, max_size=2) as pool:
+            async def one() -> Any:
+                if way == "query":
+                    return await pool.query(Q)
+                if way == "acquire":
+                    lease = await pool.acquire()
+                    try:
+                        return await lease.conn.query(Q)  # type: ignore[union-attr]
+                    finally:
+                        await lease.release()
+                async with pool.lease() as conn:
+                    return await conn.query(Q)
+
+            async def ops() -> None:
+                for _ in range(20):
+                    await one()
+                await asyncio.gather(*(one() for _ in range(30)))
+
+            await ops()  # warm
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                await ops()
+                gc.collect()
+                return collections.Counter(type(o).__qualname__ for o in gc.garbage)
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+
+    assert asyncio.run(main()) == {}
