@@ -154,6 +154,13 @@ def test_serve_freezes_what_survives_a_full_collection() -> None:
         "assert gc.get_freeze_count() >= 10000\n"
         "gc.collect()  # the 16th: everything thawed for the next one to scan\n"
         "assert gc.get_freeze_count() == 0, gc.get_freeze_count()\n"
+        "# A store too large to rescan quickly stays frozen at the 16th.\n"
+        "from aperturedb_pool.testing.cli import _THAW_LIMIT\n"
+        "big = [[i] for i in range(_THAW_LIMIT + 1000)]\n"
+        "gc.collect()\n"
+        "for _ in range(20):  # a 16th among them\n"
+        "    gc.collect()\n"
+        "    assert gc.get_freeze_count() > _THAW_LIMIT, gc.get_freeze_count()\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
