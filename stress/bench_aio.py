@@ -67,10 +67,12 @@ from _benchkit import machine_facts, percentile  # noqa: E402
 from bench_e2e import (  # noqa: E402
     _pin,
     _sdk_version,
+    connected_clones,
     measure,
     paired_options,
     run_paired,
     summary,
+    target_verdict,
 )
 
 Q = [{"GetStatus": {}}]
@@ -130,9 +132,7 @@ class _Handoff:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conns: list[Any]) -> None:
         self.loop = loop
-        self.conns = conns
-        for c in conns:
-            c.query(Q)
+        self.conns = conns  # connected
         self.jobs: deque[tuple[asyncio.Future[Any], Any]] = deque()
         self.wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self.answers: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     with ServerProcess("127.0.0.1", 0) as srv:
         pinned = not a.no_pin and _pin(srv)
         template = srv.connector()
-        dedicated = [template.clone() for _ in range(8)]
-        for c in dedicated:
-            c.query(Q)
+        dedicated = connected_clones(template, 8)
         apool = AsyncConnectionPool(template, min_size=8, max_size=8, name="aio")
         loop.run_until_complete(apool.open(wait=True, timeout=30))
         blocking = ConnectionPool(template, min_size=8, max_size=8, name="blocking")
@@ -225,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 return await conn.query(Q)
 
         executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="executor-64")
-        spare = [template.clone() for _ in range(8)]
-        for c in spare:
-            c.query(Q)
+        spare = connected_clones(template, 8)
         mine = threading.local()
 
         def executor_work() -> Any:
@@ -239,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         async def executor_query() -> Any:
             return await loop.run_in_executor(executor, executor_work)
 
-        handoff = _Handoff(loop, [template.clone() for _ in range(8)])
+        handoff = _Handoff(loop, connected_clones(template, 8))
 
         async def handoff_query() -> Any:
             return await handoff.query(Q)
@@ -310,10 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['cpu_us_median']:>6.1f}")
             continue
         ratio = c["ratio_vs_dedicated_median"]
-        verdict = []
-        if name in TARGETS:
-            verdict.append(f">= {TARGETS[name]}: " + ("met" if ratio >= TARGETS[name]
-                                                      else "MISSED"))
+        verdict = [target_verdict(TARGETS[name], ratio)] if name in TARGETS else []
         if name.startswith("aio"):
             verdict.append(f"lag < {LAG_TARGET_MS:g} ms: " +
                            ("met" if c["lag_max_ms"] < LAG_TARGET_MS else "MISSED"))

@@ -128,6 +128,21 @@ def measure(threads: int, make_body: Callable[[int], Callable[[], Any]],
             "min": min(counts), "max": max(counts), "errors": errors[:3]}
 
 
+def target_verdict(target: float | None, ratio: float | None) -> str:
+    """``>= target: met`` or ``MISSED``; empty without a target (or a figure)."""
+    if target is None or ratio is None:
+        return ""
+    return f">= {target}: " + ("met" if ratio >= target else "MISSED")
+
+
+def connected_clones(template: Any, n: int) -> list[Any]:
+    """``n`` clones of ``template``, each connected and logged in by one query."""
+    clones = [template.clone() for _ in range(n)]
+    for c in clones:
+        c.query(Q)
+    return clones
+
+
 def _switches() -> tuple[int, int]:
     try:
         import resource
@@ -239,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     with ServerProcess("127.0.0.1", 0) as srv:
         pinned = not a.no_pin and _pin(srv)
         template = srv.connector()
-        dedicated = [template.clone() for _ in range(32)]
-        for c in dedicated:
-            c.query(Q)
+        dedicated = connected_clones(template, 32)
         ours = ConnectionPool(template, min_size=8, max_size=8, name="e2e")
         ours.wait_ready(30)
         strict = ConnectionPool(template, min_size=8, max_size=8, name="e2e-strict",
@@ -299,27 +312,11 @@ def main(argv: list[str] | None = None) -> int:
                 res["cpu_bound_share"] = (ours.stats().cpu_bound_seconds - bound0) / duration
             return res
 
+        slots: list[Any] | None = None
         if a.child is not None:
-            # One configuration in slots aligned with another process's (see
-            # _same_slots): queries/s per slot, None for a slot missed.
-            slots: list[Any] = []
-            period = duration + _SLOT_GAP
-            for i in range(rounds):
-                begin = a.start_at + i * period
-                wait = begin - time.time()
-                if wait < -0.05:
-                    slots.append(None)
-                    continue
-                time.sleep(max(wait, 0.0))
-                res = measure_one(a.child)
-                slots.append({k: res[k] for k in ("qps", "cpu_us", "vcsw_per_q",
-                                                  "ivcsw_per_q", "errors")})
-            ours.close()
-            strict.close()
-            sdk.close()
-            print(json.dumps(slots))
-            return 0
-        runs = run_paired(configs, rounds, measure_one)
+            slots = _aligned_slots(measure_one, a.child, a.start_at, rounds, duration)
+        else:
+            runs = run_paired(configs, rounds, measure_one)
         counters = srv.counters()
         ours_stats = ours.stats()
         ours.close()
@@ -327,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         sdk.close()
         for c in dedicated:
             c.close()
+
+    if slots is not None:
+        print(json.dumps(slots))
+        return 0
 
     report: dict[str, Any] = {"machine": facts, "duration_s": duration,
                               "pinned": pinned,
@@ -356,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     print(hdr)
     for name, c in report["configs"].items():
         ratio = c["ratio_vs_dedicated_median"]
-        target = TARGETS.get(name)
-        verdict = "" if target is None else (f">= {target}: " +
-                                             ("met" if ratio >= target else "MISSED"))
+        verdict = target_verdict(TARGETS.get(name), ratio)
         print(f"{name:<11} {c['threads']:>7} {c['qps_median']:>12.0f} {ratio:>13.3f} "
               f"{c['cpu_us_median']:>6.1f} {c['cpu_ratio_vs_dedicated_median']:>10.3f} "
               f"{c['jain_median']:>6.3f} {c['starved_max']:>7}  "
@@ -373,6 +372,24 @@ def main(argv: list[str] | None = None) -> int:
               "(cpu_bound_fairness_threshold applied): "
               + " ".join(f"{x:.2f}" for x in report["ours_32_cpu_bound_share"]))
     return 0
+
+
+def _aligned_slots(measure_one: Callable[[str], dict[str, Any]], name: str, start_at: float,
+                   rounds: int, duration: float) -> list[Any]:
+    """``--child``: ``name`` measured in slots aligned with another process's (see
+    _same_slots): its figures per slot, None for a slot missed."""
+    slots: list[Any] = []
+    period = duration + _SLOT_GAP
+    for i in range(rounds):
+        wait = start_at + i * period - time.time()
+        if wait < -0.05:
+            slots.append(None)
+            continue
+        time.sleep(max(wait, 0.0))
+        res = measure_one(name)
+        slots.append({k: res[k] for k in ("qps", "cpu_us", "vcsw_per_q", "ivcsw_per_q",
+                                          "errors")})
+    return slots
 
 
 _SLOT_GAP = 0.4  # seconds between slots: the threads of a slot start and stop
@@ -428,9 +445,7 @@ def _same_slots(a: argparse.Namespace, configs: list[str], rounds: int,
           f"ratios by slot")
     for name, c in report["configs"].items():
         ratio = c["ratio_vs_dedicated_median"]
-        target = TARGETS.get(name)
-        verdict = "" if target is None or ratio is None else (
-            f">= {target}: " + ("met" if ratio >= target else "MISSED"))
+        verdict = target_verdict(TARGETS.get(name), ratio)
         print(f"{name:<11} {ratio or float('nan'):>13.3f} "
               f"{c['cpu_ratio_vs_dedicated_median'] or float('nan'):>10.3f}  {verdict:<16} "
               + " ".join(f"{x:.2f}" for x in c["ratio_runs"])
