@@ -180,6 +180,7 @@ from types import TracebackType
 from typing import Any, Callable, Final
 
 from aperturedb_pool import _validate
+from aperturedb_pool._lease import stale_reason
 from aperturedb_pool.errors import (
     ConnectorUnusable,
     LeaseError,
@@ -377,11 +378,12 @@ class _Hold:
         if lease is not None:
             slot = lease._slot
             assert slot is not None
-            # The fast return's rule (Lease.__exit__: pool._fast, the
-            # generation, the lifetime), and nobody waits in sync_pool (a
-            # waiting thread or worker is served by the return).
-            if (ok and slot.generation == pool._generation and not pool._waiters and
-                    _monotonic() < slot.expires):
+            # The pool's staleness rule (generation, lifetime: stale_reason,
+            # which the fast return inlines), with pool._fast in ``ok``, and
+            # nobody waits in sync_pool (a waiting thread or worker is served
+            # by the return).
+            if (ok and not pool._waiters and
+                    stale_reason(slot, pool._generation, _monotonic()) is None):
                 slot.uses += 1  # a lease granted per query, as without the hold
                 return True
             self.let_go()
